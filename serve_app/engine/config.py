@@ -1,0 +1,69 @@
+"""Engine configuration: one strict pydantic model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+class ExecutionProvider(BaseModel):
+    """An onnxruntime execution provider and its options, passed through unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="Provider name, e.g. CPUExecutionProvider, CUDAExecutionProvider."
+    )
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Provider options as onnxruntime documents them."
+    )
+
+
+class EngineOptions(BaseModel):
+    """How the engine runs a model and how much work it takes on at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    execution_providers: list[ExecutionProvider] = Field(
+        default_factory=lambda: [ExecutionProvider(name="CPUExecutionProvider")],
+        description="onnxruntime execution providers in priority order.",
+    )
+    max_num_seqs: int = Field(default=64, ge=1, description="Most sequences decoded in one step.")
+    kv_cache_tokens: int = Field(
+        default=65536,
+        ge=1,
+        description="KV-cache budget in token slots (batch size x padded length) across the batch.",
+    )
+    max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Most prompt tokens (batch x padded prompt length) prefilled in one step, "
+        "so newcomers delay running sequences by at most one bounded step.",
+    )
+    intra_op_num_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=0,
+        description="onnxruntime threads inside one operator (0: onnxruntime's default).",
+    )
+    graph_optimization: GraphOptimization = Field(
+        default="all", description="onnxruntime graph optimization level."
+    )
+    allow_spinning: bool = Field(
+        default=True,
+        description="Let idle onnxruntime threads spin for lower latency; turn off on shared CPUs.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seeds sampling for requests that give no seed.")
+
+
+class EngineConfig(EngineOptions):
+    """Engine options plus the model to load."""
+
+    model_path: Path = Field(
+        description="Directory with model.onnx, config.json and tokenizer files."
+    )
+    onnx_file: str = Field(default="model.onnx", description="ONNX file name inside model_path.")

@@ -1,0 +1,214 @@
+"""The continuous-batching engine: one ``step()`` decodes every running sequence by one token.
+
+Sequences join the running batch at the step after they arrive (their prompt is prefilled in
+that step, in one bounded call, beside the decode of the running batch) and leave the moment
+they finish or are aborted, freeing their rows of the KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.kv_cache import BatchKVCache
+from serve_app.engine.onnx_model import OnnxDecoder
+from serve_app.engine.sampler import Sampler
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.scheduler import Scheduler
+from serve_app.engine.sequence import FinishReason, Sequence, SequenceOutput, TokenLogprob
+
+
+class LLMEngine:
+    """Synchronous engine; callers drive it with ``add_request``, ``abort`` and ``step``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model = OnnxDecoder(config)
+        self.model_config = self.model.config
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens
+        )
+        self.sampler = Sampler(self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.running: list[Sequence] = []
+        self.cache: BatchKVCache | None = None
+        self._seed_sequence = np.random.SeedSequence(config.seed)
+        self._live_ids: set[str] = set()
+        self._pending_aborts: set[str] = set()
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for admission."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV-cache token budget the running batch occupies."""
+        slots = self.cache.num_slots if self.cache else 0
+        return slots / self.config.kv_cache_tokens
+
+    def has_work(self) -> bool:
+        """Whether a call to ``step`` would do anything."""
+        return bool(self.running or self.scheduler.waiting or self._pending_aborts)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a sequence; raises ``InvalidRequestError`` if it can never run."""
+        if request_id in self._live_ids:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.enqueue(self.new_sequence(request_id, prompt_token_ids, params))
+
+    def new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Sequence:
+        """Validate a request against this model and budget; raises ``InvalidRequestError``."""
+        context = self.model_config.context_length
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if len(prompt_token_ids) >= context:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
+                f"{context}, which must also hold at least one generated token",
+                "prompt",
+            )
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(token_id >= vocab for token_id in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        sequence = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            max_length=min(len(prompt_token_ids) + params.max_tokens, context),
+            rng=self._rng_for(params),
+        )
+        if not self.scheduler.fits_alone(sequence):
+            raise InvalidRequestError(
+                f"prompt plus max_tokens ({sequence.max_length} tokens) exceeds the KV-cache "
+                f"budget of {self.config.kv_cache_tokens} tokens",
+                "max_tokens",
+            )
+        return sequence
+
+    def enqueue(self, sequence: Sequence) -> None:
+        """Queue a validated sequence for admission."""
+        self.scheduler.add(sequence)
+        self._live_ids.add(sequence.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a sequence; its final output (reason ``abort``) comes from the next step."""
+        if request_id in self._live_ids:
+            self._pending_aborts.add(request_id)
+
+    def step(self) -> list[SequenceOutput]:
+        """Run one iteration: drop aborted sequences, decode the batch, admit and prefill."""
+        outputs = self._drop_aborted()
+        if self.running:
+            outputs.extend(self._decode())
+        newcomers = self.scheduler.admit(self.running)
+        if newcomers:
+            outputs.extend(self._prefill(newcomers))
+        self._live_ids.difference_update(o.request_id for o in outputs if o.finished)
+        return outputs
+
+    def _rng_for(self, params: SamplingParams) -> np.random.Generator:
+        if params.seed is not None:
+            return np.random.default_rng(params.seed)
+        return np.random.default_rng(self._seed_sequence.spawn(1)[0])
+
+    def _drop_aborted(self) -> list[SequenceOutput]:
+        if not self._pending_aborts:
+            return []
+        aborted = []
+        for request_id in self._pending_aborts:
+            waiting = self.scheduler.remove(request_id)
+            if waiting is not None:
+                aborted.append(waiting)
+        aborted.extend(s for s in self.running if s.request_id in self._pending_aborts)
+        self._pending_aborts.clear()
+        for sequence in aborted:
+            sequence.finish_reason = FinishReason.ABORT
+        self._release_finished()
+        return [self._output(s, ()) for s in aborted]
+
+    def _decode(self) -> list[SequenceOutput]:
+        assert self.cache is not None  # a running batch always has a cache
+        input_ids = np.array([[s.last_token_id] for s in self.running], dtype=np.int64)
+        positions = np.array([[s.length - 1] for s in self.running], dtype=np.int64)
+        mask = self.cache.decode_mask()
+        result = self.model.forward(input_ids, mask, positions, self.cache.values)
+        self.cache.advance(result.present, mask)
+        outputs = self._append_tokens(self.running, result.logits)
+        self._release_finished()
+        return outputs
+
+    def _prefill(self, newcomers: list[Sequence]) -> list[SequenceOutput]:
+        pad_to = max(s.num_prompt_tokens for s in newcomers)
+        input_ids = np.full((len(newcomers), pad_to), self.model_config.pad_token_id, np.int64)
+        mask = np.zeros((len(newcomers), pad_to), dtype=np.int64)
+        for row, seq in enumerate(newcomers):
+            input_ids[row, pad_to - seq.num_prompt_tokens :] = seq.prompt_token_ids
+            mask[row, pad_to - seq.num_prompt_tokens :] = 1
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+        result = self.model.forward(
+            input_ids, mask, positions, self.model.empty_past(len(newcomers))
+        )
+        outputs = self._append_tokens(newcomers, result.logits)
+        joined = BatchKVCache(result.present, mask)
+        self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
+        self.running.extend(newcomers)
+        self._release_finished()
+        return outputs
+
+    def _append_tokens(self, sequences: list[Sequence], logits: np.ndarray) -> list[SequenceOutput]:
+        sampled = self.sampler(logits, sequences)
+        outputs = []
+        for seq, token_id, logprob in zip(
+            sequences, sampled.token_ids.tolist(), sampled.logprobs, strict=True
+        ):
+            seq.output_token_ids.append(token_id)
+            seq.finish_reason = self._finish_reason(seq, token_id)
+            outputs.append(self._output(seq, (token_id,), None if logprob is None else (logprob,)))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
+        stops = token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in self.model_config.eos_token_ids
+        )
+        if stops and len(seq.output_token_ids) >= params.min_tokens:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_tokens or seq.length >= seq.max_length:
+            return FinishReason.LENGTH
+        return None
+
+    def _release_finished(self) -> None:
+        """Remove finished sequences from the batch and their rows from the KV cache."""
+        keep = [row for row, s in enumerate(self.running) if not s.finished]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[row] for row in keep]
+        assert self.cache is not None
+        self.cache = self.cache.select(keep) if keep else None
+
+    def _output(
+        self,
+        seq: Sequence,
+        new_token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+        )

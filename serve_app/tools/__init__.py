@@ -1,0 +1,1 @@
+"""Offline tools: train, convert and export the models the service runs."""

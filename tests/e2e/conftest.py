@@ -1,0 +1,77 @@
+"""A real Ray Serve application on a free port, one per test module."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from serve_app.app import build_app
+
+APP_NAME = "llm"
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(base_url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll ``/health`` until it answers 200, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}/health", timeout=5)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url}/health did not become healthy: {last}")
+
+
+def app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Application args for tests: the demo model, small engine, Ray on few CPUs."""
+    args: dict[str, Any] = {
+        "model_path": str(model_dir),
+        "engine": {"intra_op_num_threads": 1, "allow_spinning": False},
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module")
+def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Start Ray and the application; yield its base URL. Modules may override the args
+    by defining a module-level ``APP_OVERRIDES`` dict."""
+    overrides = getattr(request.module, "APP_OVERRIDES", {})
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(app_args(model_dir, **overrides)), name=APP_NAME, route_prefix="/")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_healthy(base_url)
+        yield base_url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served_app: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the served application."""
+    with httpx.Client(base_url=served_app, timeout=60) as http:
+        yield http

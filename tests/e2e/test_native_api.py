@@ -1,0 +1,138 @@
+"""The native API, the response cache and client disconnects, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from serve_app.tokenizer import Tokenizer
+
+
+def metric(client: httpx.Client, name: str, labels: str = "") -> float:
+    """One sample of ``GET /metrics``."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+def engine_load(client: httpx.Client) -> tuple[int, int]:
+    """(running, waiting) sequences of the model replica, as /health reports them."""
+    health = client.get("/health").json()
+    return int(health["num_running"]), int(health["num_waiting"])
+
+
+def test_infer_returns_text_tokens_and_usage(client: httpx.Client, tokenizer: Tokenizer) -> None:
+    response = client.post("/v1/infer", json={"prompt": "The class statement", "max_tokens": 10})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["error"] is None
+    assert body["text"] == tokenizer.decode(body["tokens"])
+    assert body["usage"]["completion_tokens"] == len(body["tokens"])
+    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("The class statement"))
+    assert body["finish_reason"] in ("stop", "length")
+    assert body["latency"] > 0
+
+
+def test_batch_infer_keeps_good_items_when_one_is_bad(client: httpx.Client) -> None:
+    requests = [
+        {"prompt": "import", "max_tokens": 5},
+        {"prompt": "", "max_tokens": 5},
+        {"prompt": "def", "max_tokens": "five"},
+        {"prompt": "word " * 3000},
+        {"prompt": "while", "max_tokens": 5, "stop_words": ["\n"]},
+    ]
+    response = client.post("/v1/batch_infer", json={"requests": requests})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 5
+    assert [r["error"] is None for r in results] == [True, False, False, False, True]
+    assert results[1]["error"]["param"] == "prompt"
+    assert results[2]["error"]["param"] == "max_tokens"
+    assert "context length" in results[3]["error"]["message"]
+    assert results[0]["tokens"] and results[4]["usage"]["completion_tokens"] >= 1
+
+
+def test_stream_infer_streams_then_ends_with_done(client: httpx.Client) -> None:
+    request = {"prompt": "The try statement", "max_tokens": 12}
+    unary = client.post("/v1/infer", json=request).json()
+    with client.stream("POST", "/v1/stream_infer", json=request) as response:
+        assert response.status_code == 200
+        events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == unary["text"]
+    assert [t for c in chunks for t in c["tokens"]] == unary["tokens"]
+    assert chunks[-1]["finish_reason"] == unary["finish_reason"]
+    assert chunks[-1]["usage"] == unary["usage"]
+
+
+def test_model_info_health_and_models(client: httpx.Client) -> None:
+    info = client.get("/v1/model_info").json()
+    assert info["name"] == "demo"
+    assert info["type"] == "llama"
+    assert "onnxruntime" in info["backend"]
+    assert info["parameters"] > 100_000
+    assert info["context_length"] > 0
+    assert info["version"]
+    assert info["loaded_at"] <= time.time()
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/models").json()["data"][0]["id"] == "demo"
+
+
+def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Client) -> None:
+    hits_before = metric(client, "serve_app_response_cache_lookups_total", 'result="hit"')
+    request = {"model": "demo", "prompt": "The assert statement", "max_tokens": 10,
+               "temperature": 0}  # fmt: skip
+    first = client.post("/v1/completions", json=request)
+    second = client.post("/v1/completions", json=request)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert second.json()["choices"] == first.json()["choices"]
+    assert second.json()["usage"] == first.json()["usage"]
+    assert metric(client, "serve_app_response_cache_lookups_total", 'result="hit"') == hits_before + 1
+
+
+def test_sampled_request_never_hits_the_cache(client: httpx.Client) -> None:
+    request = {"model": "demo", "prompt": "The assert statement", "max_tokens": 10,
+               "temperature": 0.8}  # fmt: skip
+    for _ in range(2):
+        assert client.post("/v1/completions", json=request).headers["x-cache"] == "miss"
+
+
+def test_streamed_cache_hit_is_framed_like_a_miss(client: httpx.Client) -> None:
+    request = {"model": "demo", "messages": [{"role": "user", "content": "Explain pass"}],
+               "max_tokens": 12, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}  # fmt: skip
+    replies = []
+    for expected in ("miss", "hit"):
+        with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            assert response.headers["x-cache"] == expected
+            events = [e for e in response.read().decode().split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in events)
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+        replies.append((text, finish, chunks[-1]["usage"]))
+    assert replies[0] == replies[1]
+
+
+def test_disconnect_mid_stream_aborts_the_sequence(client: httpx.Client, served_app: str) -> None:
+    context = client.get("/v1/model_info").json()["context_length"]
+    request = {"model": "demo", "prompt": "The", "max_tokens": context - 8, "ignore_eos": True,
+               "temperature": 0.7, "stream": True}  # fmt: skip
+    with httpx.Client(base_url=served_app, timeout=30) as other:
+        with other.stream("POST", "/v1/completions", json=request) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(4)]
+            assert all(line.startswith("data: ") or not line for line in received)
+            assert engine_load(client)[0] >= 1
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 15
+    while engine_load(client) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine_load(client) == (0, 0)

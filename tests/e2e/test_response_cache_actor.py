@@ -1,0 +1,112 @@
+"""The ResponseCache deployment in a real Ray Serve application, called through handles."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+import ray
+from pydantic.warnings import PydanticDeprecatedSince20
+
+with warnings.catch_warnings():
+    # Ray Serve 2.60's own config models pass `update_type=` to pydantic's Field at import time.
+    warnings.filterwarnings(
+        "ignore",
+        message="Using extra keyword arguments on `Field` is deprecated",
+        category=PydanticDeprecatedSince20,
+    )
+    from ray import serve
+    from ray.serve import Deployment
+    from ray.serve.handle import DeploymentHandle
+
+    from serve_app.cache import (
+        CachedChoice,
+        CachedResponse,
+        CacheStats,
+        ResponseCache,
+        ResponseCacheClient,
+        ResponseCacheConfig,
+    )
+
+APP = "cache-test"
+CACHE = cast(Deployment, ResponseCache)  # mypy ignores what a class decorator returns
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster() -> Iterator[None]:
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(
+    config: ResponseCacheConfig, user_config: dict[str, int] | None = None
+) -> DeploymentHandle:
+    deployment = CACHE.options(user_config=user_config) if user_config else CACHE
+    return serve.run(deployment.bind(config), name=APP, route_prefix=None)
+
+
+def response(text: str) -> CachedResponse:
+    choice = CachedChoice(text=text, finish_reason="length", token_ids=[5, 6, 7])
+    return CachedResponse(choices=[choice], prompt_tokens=4, completion_tokens=3)
+
+
+def test_put_then_get_through_the_handle() -> None:
+    handle = deploy(ResponseCacheConfig())
+    handle.put.remote("k", response("hello")).result()
+    assert handle.get.remote("k").result() == response("hello")
+    assert handle.get.remote("other").result() is None
+    stats: CacheStats = handle.stats.remote().result()
+    assert (stats.entries, stats.hits, stats.misses) == (1, 1, 1)
+
+
+def test_client_counts_hits_and_misses() -> None:
+    client = ResponseCacheClient(deploy(ResponseCacheConfig()))
+
+    async def exercise() -> CachedResponse | None:
+        await client.store("k", response("stored by the client"))
+        assert await client.lookup("absent") is None
+        return await client.lookup("k")
+
+    assert asyncio.run(exercise()) == response("stored by the client")
+    assert (client.hits, client.misses, client.errors) == (1, 1, 0)
+
+
+def test_user_config_bounds_apply_when_the_replica_starts() -> None:
+    handle = deploy(ResponseCacheConfig(max_entries=100), user_config={"max_entries": 2})
+    for key in "abc":
+        handle.put.remote(key, response(key)).result()
+    stats: CacheStats = handle.stats.remote().result()
+    assert (stats.entries, stats.evictions) == (2, 1)
+    assert handle.get.remote("a").result() is None
+
+
+def test_shrinking_max_entries_live_evicts_at_once() -> None:
+    # serve.run always starts fresh replicas (imperative deploys get a new code version), so the
+    # in-place user_config update that `serve deploy` performs is driven here by calling
+    # reconfigure, the method Serve calls with the new user_config.
+    handle = deploy(ResponseCacheConfig(), user_config={"max_entries": 10})
+    for key in "abc":
+        handle.put.remote(key, response(key)).result()
+    handle.reconfigure.remote({"max_entries": 1}).result()
+    stats: CacheStats = handle.stats.remote().result()
+    assert (stats.entries, stats.evictions) == (1, 2)
+    assert handle.get.remote("c").result() == response("c")
+    assert handle.get.remote("a").result() is None
+
+
+def test_client_degrades_to_a_miss_when_the_cache_is_gone() -> None:
+    client = ResponseCacheClient(deploy(ResponseCacheConfig()), timeout_s=0.5)
+    serve.delete(APP)
+
+    async def exercise() -> CachedResponse | None:
+        await client.store("k", response("never stored"))
+        return await client.lookup("k")
+
+    assert asyncio.run(exercise()) is None
+    assert client.errors == 2
+    assert (client.hits, client.misses) == (0, 0)
