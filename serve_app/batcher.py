@@ -108,17 +108,12 @@ class Batcher:
             async for steps in _coalesced(call):
                 for step in steps:
                     replica_id = step.replica_id or replica_id
-                    for request_id, rejected in step.rejected.items():
-                        error = RequestError(400, rejected.message, param=rejected.param)
-                        by_id[request_id].pending = TextChunk(request_id, error=error)
-                        by_id[request_id].done = True
-                    for output in step.outputs:
-                        self._on_output(by_id[output.request_id], output)
+                    self._on_step(step, by_id)
                 self._abort_cancelled(tracked, replica_id)
                 yield _collect(tracked)
         except Exception as exc:  # the replica died or the call failed: tell every caller
             logger.warning("micro-batch stream failed: %r", exc)
-            error = RequestError(503, "the model replica failed; retry the request", "server_error")
+            error = RequestError(503, "the model replica failed; retry the request")
             for t in tracked:
                 if not t.done:
                     t.pending, t.done = TextChunk(t.request.request_id, error=error), True
@@ -173,6 +168,14 @@ class Batcher:
         if request.messages is not None:
             return self.tokenizer.apply_chat_template(request.messages)
         return request.prompt or ""
+
+    def _on_step(self, step: ModelStep, by_id: dict[str, _Tracked]) -> None:
+        for request_id, rejected in step.rejected.items():
+            error = RequestError(rejected.status, rejected.message, param=rejected.param)
+            by_id[request_id].pending = TextChunk(request_id, error=error)
+            by_id[request_id].done = True
+        for output in step.outputs:
+            self._on_output(by_id[output.request_id], output)
 
     def _on_output(self, t: _Tracked, output: SequenceOutput) -> None:
         """Fold one step's tokens into the request's pending chunk."""

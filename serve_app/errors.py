@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.engine import EngineDeadError, InvalidRequestError
+from serve_app.engine import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from serve_app.generation import RequestError
 from serve_app.protocol import ErrorInfo, ErrorResponse
 
@@ -73,6 +73,8 @@ def to_api_error(exc: BaseException, request_id: str) -> ApiError:
         return _validation_error(exc)
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineOverloadedError):
+        return ApiError(503, str(exc), code="overloaded")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, "the model is unavailable; retry shortly", code="engine_dead")
     if isinstance(exc, BackPressureError):

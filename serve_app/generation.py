@@ -25,7 +25,7 @@ class RequestError:
 
     status: int
     message: str
-    type: str = "invalid_request_error"
+    type: str | None = None  # None: the usual type for the status
     param: str | None = None
     code: str | None = None
 
@@ -73,6 +73,7 @@ class RejectedRequest:
 
     message: str
     param: str | None
+    status: int = 400  # 503 when the engine's waiting queue is full
 
 
 @dataclass(frozen=True)

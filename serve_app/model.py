@@ -9,7 +9,13 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.engine import AsyncLLMEngine, EngineConfig, GenerationRequest, InvalidRequestError
+from serve_app.engine import (
+    AsyncLLMEngine,
+    EngineConfig,
+    EngineOverloadedError,
+    GenerationRequest,
+    InvalidRequestError,
+)
 from serve_app.engine.onnx_model import count_parameters
 from serve_app.generation import ModelDescription, ModelStep, RejectedRequest
 from serve_app.routing import ReplicaAffinityRouter
@@ -44,6 +50,8 @@ class LLMModel:
                 accepted.append(request)
             except InvalidRequestError as exc:
                 rejected[request.request_id] = RejectedRequest(str(exc), exc.param)
+            except EngineOverloadedError as exc:
+                rejected[request.request_id] = RejectedRequest(str(exc), None, status=503)
         yield ModelStep(outputs=[], replica_id=self.replica_id, rejected=rejected)
         if accepted:
             async for outputs in self.engine.generate_batch(accepted):

@@ -6,12 +6,14 @@ from serve_app.engine.engine import LLMEngine
 from serve_app.engine.errors import (
     EngineDeadError,
     EngineError,
+    EngineOverloadedError,
     InvalidRequestError,
     InvalidSamplingParamsError,
 )
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import FinishReason, SequenceOutput, TokenLogprob
+from serve_app.engine.stats import StepStats
 
 __all__ = [
     "AsyncLLMEngine",
@@ -19,6 +21,7 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "EngineOptions",
+    "EngineOverloadedError",
     "ExecutionProvider",
     "FinishReason",
     "GenerationRequest",
@@ -29,5 +32,6 @@ __all__ = [
     "ModelLoadError",
     "SamplingParams",
     "SequenceOutput",
+    "StepStats",
     "TokenLogprob",
 ]

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from serve_app.engine.config import EngineConfig
@@ -20,6 +20,7 @@ from serve_app.engine.engine import LLMEngine
 from serve_app.engine.errors import EngineDeadError, InvalidRequestError
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import Sequence, SequenceOutput
+from serve_app.engine.stats import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,11 @@ class _Stream:
 class AsyncLLMEngine:
     """Runs an ``LLMEngine`` on a background thread and streams its outputs to coroutines."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, on_step: Callable[[StepStats], None] | None = None
+    ) -> None:
         self.engine = LLMEngine(config)
+        self._on_step = on_step
         self._commands: queue.SimpleQueue[tuple[str, Sequence | str]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._error: EngineDeadError | None = None
@@ -91,6 +95,7 @@ class AsyncLLMEngine:
         request of the group that has not finished.
         """
         self.check_health()
+        self.engine.check_capacity(pending=self._commands.qsize() + len(requests) - 1)
         sequences = self._validate(requests)
         stream = _Stream(asyncio.get_running_loop())
         pending = {s.request_id for s in sequences}
@@ -111,7 +116,9 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def check_request(self, request: GenerationRequest) -> None:
-        """Raise ``InvalidRequestError`` if the engine would refuse ``request``."""
+        """Raise ``InvalidRequestError`` or ``EngineOverloadedError`` if the engine would
+        refuse ``request`` now."""
+        self.engine.check_capacity(pending=self._commands.qsize())
         self.engine.new_sequence(request.request_id, request.prompt_token_ids, request.params)
 
     def abort(self, request_id: str) -> None:
@@ -139,10 +146,19 @@ class AsyncLLMEngine:
                 self._apply_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
                     self._deliver(self.engine.step())
+                    self._report(self.engine.last_stats)
         except Exception as exc:
             logger.exception("engine loop failed")
             self._error = EngineDeadError(f"the engine loop failed: {exc}")
             self._fail_all(self._error)
+
+    def _report(self, stats: StepStats) -> None:
+        if self._on_step is None:
+            return
+        try:
+            self._on_step(stats)
+        except Exception:  # metrics must never stop the engine
+            logger.exception("step observer failed")
 
     def _apply_commands(self, *, block: bool) -> None:
         try:

@@ -39,6 +39,12 @@ class EngineOptions(BaseModel):
         ge=1,
         description="KV-cache budget in token slots (batch size x padded length) across the batch.",
     )
+    max_waiting_seqs: int = Field(
+        default=256,
+        ge=0,
+        description="Sequences allowed to wait for admission; past it requests are refused "
+        "at once (HTTP 503 with Retry-After) instead of queueing without bound.",
+    )
     max_prefill_tokens: int = Field(
         default=4096,
         ge=1,

@@ -7,16 +7,19 @@ they finish or are aborted, freeing their rows of the KV cache.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.errors import InvalidRequestError
+from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
 from serve_app.engine.onnx_model import OnnxDecoder
 from serve_app.engine.sampler import Sampler
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler
 from serve_app.engine.sequence import FinishReason, Sequence, SequenceOutput, TokenLogprob
+from serve_app.engine.stats import StepStats
 
 
 class LLMEngine:
@@ -35,6 +38,7 @@ class LLMEngine:
         self._seed_sequence = np.random.SeedSequence(config.seed)
         self._live_ids: set[str] = set()
         self._pending_aborts: set[str] = set()
+        self.last_stats = StepStats(0, 0, 0.0, 0, 0)
 
     @property
     def num_waiting(self) -> int:
@@ -62,6 +66,7 @@ class LLMEngine:
         """Queue a sequence; raises ``InvalidRequestError`` if it can never run."""
         if request_id in self._live_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.check_capacity()
         self.enqueue(self.new_sequence(request_id, prompt_token_ids, params))
 
     def new_sequence(
@@ -97,6 +102,13 @@ class LLMEngine:
             )
         return sequence
 
+    def check_capacity(self, pending: int = 0) -> None:
+        """Raise ``EngineOverloadedError`` if the waiting queue (plus ``pending``) is full."""
+        if self.num_waiting + pending >= self.config.max_waiting_seqs:
+            raise EngineOverloadedError(
+                f"the engine's waiting queue is full ({self.config.max_waiting_seqs} sequences)"
+            )
+
     def enqueue(self, sequence: Sequence) -> None:
         """Queue a validated sequence for admission."""
         self.scheduler.add(sequence)
@@ -110,11 +122,21 @@ class LLMEngine:
     def step(self) -> list[SequenceOutput]:
         """Run one iteration: drop aborted sequences, decode the batch, admit and prefill."""
         outputs = self._drop_aborted()
+        decoded = len(self.running)
         if self.running:
             outputs.extend(self._decode())
         newcomers = self.scheduler.admit(self.running)
+        now = time.monotonic()
         if newcomers:
             outputs.extend(self._prefill(newcomers))
+        self.last_stats = StepStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.kv_cache_usage,
+            decoded=decoded,
+            prefilled=len(newcomers),
+            queue_times_s=[now - s.arrival_time for s in newcomers],
+        )
         self._live_ids.difference_update(o.request_id for o in outputs if o.finished)
         return outputs
 

@@ -22,5 +22,9 @@ class InvalidSamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of range or inconsistent with another one."""
 
 
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; the request was refused at once and may be retried."""
+
+
 class EngineDeadError(EngineError):
     """The engine loop has failed; the replica must be replaced."""

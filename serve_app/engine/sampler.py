@@ -33,9 +33,11 @@ class Sampler:
     def __call__(self, logits: np.ndarray, sequences: list[Sequence]) -> SamplerOutput:
         """Sample one token per row of ``logits`` ([batch, vocab]) for ``sequences``."""
         raw = logits
-        logits = logits.copy()
-        self._apply_penalties(logits, sequences)
-        self._ban_early_stop(logits, sequences)
+        if any(s.params.has_penalties or len(s.output_token_ids) < s.params.min_tokens
+               for s in sequences):  # fmt: skip
+            logits = logits.copy()  # keep the raw logits for logprobs
+            self._apply_penalties(logits, sequences)
+            self._ban_early_stop(logits, sequences)
         token_ids = np.empty(len(sequences), dtype=np.int64)
         greedy = np.array([s.params.greedy for s in sequences], dtype=bool)
         if greedy.any():

@@ -114,7 +114,12 @@ def _docstrings(module: ModuleType) -> Iterator[str]:
 
 
 def collect_documents() -> list[str]:
-    """pydoc topics then standard-library docstrings, in a fixed order, deduplicated."""
+    """pydoc topics then standard-library docstrings, in a fixed order, deduplicated.
+
+    Docstrings are read in this process, so imports that monkeypatch the standard library
+    change the result (torch replaces `inspect.getfile` with an undocumented wrapper); callers
+    fix their imports and record a hash of the documents.
+    """
     from pydoc_data.topics import topics
 
     seen: set[str] = set()

@@ -208,12 +208,12 @@ def write_model_card(out_dir: Path, report: dict[str, Any]) -> None:
     millions = report["parameters"] / 1e6
     text = f"""# demo: a tiny Llama trained on Python's documentation
 
-A {millions:.1f}M-parameter Llama-architecture decoder (hidden {cfg["hidden_size"]},
-{cfg["num_hidden_layers"]} layers, {cfg["num_attention_heads"]} query heads sharing
-{cfg["num_key_value_heads"]} key/value heads, SwiGLU {cfg["intermediate_size"]}, RoPE theta
-{cfg["rope_theta"]:g}, tied embeddings, context {cfg["max_position_embeddings"]}) with a
-{cfg["vocab_size"]}-token byte-level BPE tokenizer. It exists to exercise the serving stack
-(tokenizer, ChatML template, GQA, KV cache, batching) with real, not random, weights. It writes
+A {millions:.1f}M-parameter Llama-architecture decoder with a {cfg["vocab_size"]}-token
+byte-level BPE tokenizer: hidden size {cfg["hidden_size"]}, {cfg["num_hidden_layers"]} layers,
+{cfg["num_attention_heads"]} query heads sharing {cfg["num_key_value_heads"]} key/value heads,
+SwiGLU width {cfg["intermediate_size"]}, RoPE theta {cfg["rope_theta"]:g}, tied embeddings,
+context {cfg["max_position_embeddings"]}. It exists to exercise the serving stack (tokenizer,
+ChatML template, GQA, KV cache, batching) with real rather than random weights. It writes
 documentation-flavoured English; it is not instruction-tuned and knows nothing reliably.
 
 ## Files
@@ -223,22 +223,25 @@ documentation-flavoured English; it is not instruction-tuned and knows nothing r
   `optimum-cli export onnx --task text-generation-with-past`.
 - `config.json`, `generation_config.json`: Hugging Face Llama configuration.
 - `tokenizer.json`, `tokenizer_config.json`: byte-level BPE; `<|endoftext|>` is bos/eos/pad;
-  the chat template is ChatML (`<|im_start|>`, `<|im_end|>`).
+  the chat template is ChatML (`<|im_start|>`, `<|im_end|>`), and generation also stops at
+  `<|im_end|>`.
 - `training_report.json`: settings, losses, timings and sample outputs.
 
 ## Data
 
-Text that CPython {report["python"]} ships: every `pydoc_data.topics` entry and the docstrings of
-standard-library modules, classes, functions and methods (deduplicated, in sorted order),
+Text that CPython {report["python"]} ships: every `pydoc_data.topics` entry and the docstrings
+of standard-library modules, classes, functions and methods, deduplicated, in sorted order.
 {report["documents"]["train"]} training and {report["documents"]["held_out"]} held-out documents
-(held out by a hash of the text), {report["tokens"]["train_stream"]:,} training tokens.
+(held out by a hash of their text); {report["tokens"]["train_stream"]:,} training tokens.
+`corpus_sha256` in the report identifies the exact corpus.
 
 ## Training and quality
 
-{report["steps_done"]} AdamW steps of {report["settings"]["batch_size"]} x
-{report["settings"]["seq_len"]} tokens ({report["tokens_seen"]:,} tokens seen) with warmup and
-cosine decay, bf16 autocast on {report["threads"]} CPU threads, {report["train_seconds"] / 60:.1f}
-minutes, seed {report["settings"]["seed"]}.
+{report["steps_done"]} AdamW steps of {report["settings"]["batch_size"]} x \
+{report["settings"]["seq_len"]} tokens ({report["tokens_seen"]:,} tokens seen, about
+{report["tokens_seen"] / report["tokens"]["train_stream"]:.0f} epochs), warmup then cosine decay,
+bf16 autocast on {report["threads"]} CPU threads, {report["train_seconds"] / 60:.1f} minutes,
+seed {report["settings"]["seed"]}.
 
 | held-out cross-entropy (nats/token) | value |
 |---|---|

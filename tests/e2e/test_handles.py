@@ -13,6 +13,7 @@ import ray
 DRIVER = textwrap.dedent(
     """
     import json
+    import time
     import ray
     from ray import serve
     from serve_app.errors import ApiError
@@ -33,7 +34,19 @@ DRIVER = textwrap.dedent(
         bad = None
     except ApiError as error:
         bad = {"status": error.status, "param": error.param}
+    long = CompletionRequest(model="demo", prompt="The", max_tokens=500, ignore_eos=True,
+                             temperature=0.5)
+    stream = handle.options(stream=True).stream.remote(long)
+    next(stream)
+    model = serve.get_deployment_handle("LLMModel", app_name="llm")
+    running_before_cancel = model.stats.remote().result()["num_running"]
+    stream.cancel()
+    deadline = time.monotonic() + 15
+    while model.stats.remote().result()["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     print(json.dumps({
+        "running_before_cancel": running_before_cancel,
+        "running_after_cancel": model.stats.remote().result()["num_running"],
         "unary": unary.choices[0].text,
         "unary_type": type(unary).__name__,
         "streamed": "".join(c.choices[0].text for c in chunks if c.choices),
@@ -44,7 +57,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_second_driver_calls_typed_methods(served_app: str) -> None:
+def test_second_driver_calls_typed_methods_and_cancels(served_app: str) -> None:
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=180, env=env
@@ -56,3 +69,5 @@ def test_second_driver_calls_typed_methods(served_app: str) -> None:
     assert out["streamed"] == out["unary"]
     assert out["chat"] is not None
     assert out["bad"] == {"status": 400, "param": "max_tokens"}
+    assert out["running_before_cancel"] == 1
+    assert out["running_after_cancel"] == 0

@@ -85,27 +85,42 @@ def test_model_info_health_and_models(client: httpx.Client) -> None:
 
 def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Client) -> None:
     hits_before = metric(client, "serve_app_response_cache_lookups_total", 'result="hit"')
-    request = {"model": "demo", "prompt": "The assert statement", "max_tokens": 10,
-               "temperature": 0}  # fmt: skip
+    request = {
+        "model": "demo",
+        "prompt": "The assert statement",
+        "max_tokens": 10,
+        "temperature": 0,
+    }
     first = client.post("/v1/completions", json=request)
     second = client.post("/v1/completions", json=request)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert second.json()["choices"] == first.json()["choices"]
     assert second.json()["usage"] == first.json()["usage"]
-    assert metric(client, "serve_app_response_cache_lookups_total", 'result="hit"') == hits_before + 1
+    assert (
+        metric(client, "serve_app_response_cache_lookups_total", 'result="hit"') == hits_before + 1
+    )
 
 
 def test_sampled_request_never_hits_the_cache(client: httpx.Client) -> None:
-    request = {"model": "demo", "prompt": "The assert statement", "max_tokens": 10,
-               "temperature": 0.8}  # fmt: skip
+    request = {
+        "model": "demo",
+        "prompt": "The assert statement",
+        "max_tokens": 10,
+        "temperature": 0.8,
+    }
     for _ in range(2):
         assert client.post("/v1/completions", json=request).headers["x-cache"] == "miss"
 
 
 def test_streamed_cache_hit_is_framed_like_a_miss(client: httpx.Client) -> None:
-    request = {"model": "demo", "messages": [{"role": "user", "content": "Explain pass"}],
-               "max_tokens": 12, "temperature": 0, "stream": True,
-               "stream_options": {"include_usage": True}}  # fmt: skip
+    request = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Explain pass"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     replies = []
     for expected in ("miss", "hit"):
         with client.stream("POST", "/v1/chat/completions", json=request) as response:
@@ -123,15 +138,23 @@ def test_streamed_cache_hit_is_framed_like_a_miss(client: httpx.Client) -> None:
 
 def test_disconnect_mid_stream_aborts_the_sequence(client: httpx.Client, served_app: str) -> None:
     context = client.get("/v1/model_info").json()["context_length"]
-    request = {"model": "demo", "prompt": "The", "max_tokens": context - 8, "ignore_eos": True,
-               "temperature": 0.7, "stream": True}  # fmt: skip
-    with httpx.Client(base_url=served_app, timeout=30) as other:
-        with other.stream("POST", "/v1/completions", json=request) as response:
-            lines = response.iter_lines()
-            received = [next(lines) for _ in range(4)]
-            assert all(line.startswith("data: ") or not line for line in received)
-            assert engine_load(client)[0] >= 1
-        # Leaving the block closes the connection mid-stream.
+    request = {
+        "model": "demo",
+        "prompt": "The",
+        "max_tokens": context - 8,
+        "ignore_eos": True,
+        "temperature": 0.7,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=served_app, timeout=30) as other,
+        other.stream("POST", "/v1/completions", json=request) as response,
+    ):
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(4)]
+        assert all(line.startswith("data: ") or not line for line in received)
+        assert engine_load(client)[0] >= 1
+    # Leaving the block closed the connection mid-stream.
     deadline = time.monotonic() + 15
     while engine_load(client) != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -45,8 +45,15 @@ def test_completion_text_and_usage_match_the_tokenizer(
 
 def test_streamed_completion_is_framed_and_equals_the_unary_one(client: httpx.Client) -> None:
     expected = complete(client, max_tokens=16, temperature=0, logprobs=0)["choices"][0]
-    request = {"model": "demo", "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
-               "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    request = {
+        "model": "demo",
+        "prompt": PROMPT,
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client.stream("POST", "/v1/completions", json=request) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -62,8 +69,13 @@ def test_streamed_completion_is_framed_and_equals_the_unary_one(client: httpx.Cl
 
 
 def test_chat_completion_unary_and_streamed_agree(client: httpx.Client) -> None:
-    request = {"model": "demo", "messages": MESSAGES, "max_tokens": 16, "temperature": 0,
-               "logprobs": True}  # fmt: skip
+    request = {
+        "model": "demo",
+        "messages": MESSAGES,
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": True,
+    }
     response = client.post("/v1/chat/completions", json=request)
     assert response.status_code == 200, response.text
     body = response.json()

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import Iterator
 from typing import cast
 
 import pytest
 import ray
-from pydantic.warnings import PydanticDeprecatedSince20
+from ray import serve
+from ray.serve import Deployment
+from ray.serve.handle import DeploymentHandle
 
-with warnings.catch_warnings():
-    # Ray Serve 2.60's own config models pass `update_type=` to pydantic's Field at import time.
-    warnings.filterwarnings(
-        "ignore",
-        message="Using extra keyword arguments on `Field` is deprecated",
-        category=PydanticDeprecatedSince20,
-    )
-    from ray import serve
-    from ray.serve import Deployment
-    from ray.serve.handle import DeploymentHandle
-
-    from serve_app.cache import (
-        CachedChoice,
-        CachedResponse,
-        CacheStats,
-        ResponseCache,
-        ResponseCacheClient,
-        ResponseCacheConfig,
-    )
+from serve_app.cache import (
+    CachedChoice,
+    CachedResponse,
+    CacheStats,
+    ResponseCache,
+    ResponseCacheClient,
+    ResponseCacheConfig,
+)
 
 APP = "cache-test"
 CACHE = cast(Deployment, ResponseCache)  # mypy ignores what a class decorator returns

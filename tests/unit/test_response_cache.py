@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import warnings
 from typing import Any
 
 import pytest
-from pydantic.warnings import PydanticDeprecatedSince20
 
-with warnings.catch_warnings():
-    # Ray Serve 2.60's own config models pass `update_type=` to pydantic's Field at import time.
-    warnings.filterwarnings(
-        "ignore",
-        message="Using extra keyword arguments on `Field` is deprecated",
-        category=PydanticDeprecatedSince20,
-    )
-    from serve_app.cache import (
-        CachedChoice,
-        CachedResponse,
-        LRUResponseStore,
-        ResponseCacheClient,
-        cache_key,
-        is_cacheable,
-    )
+from serve_app.cache import (
+    CachedChoice,
+    CachedResponse,
+    LRUResponseStore,
+    ResponseCacheClient,
+    cache_key,
+    is_cacheable,
+)
 
 
 class FakeClock:
