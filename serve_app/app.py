@@ -13,11 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from serve_app import DEMO_MODEL_DIR
+from serve_app.auth import AuthConfig
 from serve_app.batcher import Batcher, BatcherConfig
 from serve_app.cache import ResponseCache, ResponseCacheConfig
 from serve_app.engine import EngineConfig, EngineOptions
 from serve_app.ingress import Ingress, IngressSettings
 from serve_app.model import LLMModel
+from serve_app.rate_limit import RateLimiter
 
 
 class AppArgs(BaseModel):
@@ -46,6 +48,9 @@ class AppArgs(BaseModel):
     cache: ResponseCacheConfig = Field(
         default_factory=ResponseCacheConfig, description="Response cache bounds."
     )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="API keys and per-key rate limits."
+    )
 
     def version(self) -> str:
         """The configured version, or a digest of the model's config and weights' size."""
@@ -70,9 +75,16 @@ def build_app(args: dict[str, Any]) -> Application:
         cache = ResponseCache.options(  # type: ignore[attr-defined]
             user_config=settings.cache.model_dump()
         ).bind(settings.cache)
+    rate_limiter = RateLimiter.bind() if _has_limits(settings.auth) else None  # type: ignore[attr-defined]
     ingress_settings = IngressSettings(
         model_name=settings.model_name,
         model_version=settings.version(),
         default_max_tokens=settings.default_max_tokens,
+        auth=settings.auth,
     )
-    return Ingress.bind(batcher, model, cache, ingress_settings)  # type: ignore[attr-defined, no-any-return]
+    return Ingress.bind(batcher, model, cache, rate_limiter, ingress_settings)  # type: ignore[attr-defined, no-any-return]
+
+
+def _has_limits(auth: AuthConfig) -> bool:
+    limits = [auth.default_limits, *auth.limits.values()]
+    return any(k.requests_per_minute or k.tokens_per_minute for k in limits)

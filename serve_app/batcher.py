@@ -31,6 +31,7 @@ from serve_app.tokenizer import Tokenizer
 logger = logging.getLogger("ray.serve")
 
 ABORT_TIMEOUT_S = 5.0
+MAX_MICRO_BATCHES = 256  # in flight at once per batcher replica
 StreamItem = TextChunk | type[StopIteration]
 
 
@@ -92,7 +93,11 @@ class Batcher:
                 self._cancelled.add(request.request_id)
 
     # serve.batch's type hints cover neither async generators nor its setters: hence the ignores.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
+    # Micro-batches must run side by side: each streams until its longest request ends, and
+    # the engine batches across them continuously.
+    @serve.batch(  # type: ignore[arg-type]
+        max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_MICRO_BATCHES
+    )
     async def _micro_batch(  # type: ignore[misc]
         self, requests: list[PreparedRequest]
     ) -> AsyncIterator[list[StreamItem]]:

@@ -7,7 +7,6 @@ miss so that the cache can never fail a request.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -20,6 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+from serve_app.best_effort import BestEffortHandle
 
 logger = logging.getLogger(__name__)
 
@@ -231,20 +232,25 @@ class ResponseCacheClient:
     """The ingress's view of the cache: every failure is logged and becomes a miss or a no-op."""
 
     def __init__(self, handle: DeploymentHandle | None, timeout_s: float = 0.5) -> None:
-        self._handle = handle
-        self._timeout_s = timeout_s
+        self._cache = (
+            BestEffortHandle(handle, timeout_s, "serving without the cache") if handle else None
+        )
         self.hits = 0
         self.misses = 0
-        self.errors = 0
+
+    @property
+    def errors(self) -> int:
+        """Failed cache calls so far."""
+        return self._cache.errors if self._cache else 0
 
     async def lookup(self, key: str) -> CachedResponse | None:
         """The cached response for ``key``; None on a miss, an error, or with no cache."""
-        if self._handle is None:
+        if self._cache is None:
             return None
         try:
-            value: CachedResponse | None = await self._call("get", key)
+            value: CachedResponse | None = await self._cache.call("get", key)
         except Exception as exc:
-            self._record_error("lookup", exc)
+            self._cache.record_error("response cache lookup", exc)
             return None
         if value is None:
             self.misses += 1
@@ -254,27 +260,9 @@ class ResponseCacheClient:
 
     async def store(self, key: str, value: CachedResponse) -> None:
         """Cache ``value`` under ``key``; a failure only skips the store."""
-        if self._handle is None:
+        if self._cache is None:
             return
         try:
-            await self._call("put", key, value)
+            await self._cache.call("put", key, value)
         except Exception as exc:
-            self._record_error("store", exc)
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        response = getattr(self._handle, method).remote(*args)
-        try:
-            return await asyncio.wait_for(response, self._timeout_s)
-        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-            # Without a live replica the request would wait in the router forever.
-            response.cancel()
-            raise
-
-    def _record_error(self, operation: str, exc: Exception) -> None:
-        self.errors += 1
-        logger.warning(
-            "response cache %s failed (%s: %s); serving without the cache",
-            operation,
-            type(exc).__name__,
-            exc,
-        )
+            self._cache.record_error("response cache store", exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from serve_app.cache import (
 )
 from serve_app.errors import ApiError
 from serve_app.generation import PreparedRequest, TextChunk, TokenText
+from serve_app.metrics import RequestMetrics
 from serve_app.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -36,8 +38,10 @@ from serve_app.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    StreamInferChunk,
     TopLogprob,
     Usage,
+    new_id,
 )
 
 Request = CompletionRequest | ChatCompletionRequest
@@ -115,7 +119,9 @@ class CompletionService:
         model_name: str,
         model_version: str,
         default_max_tokens: int,
+        metrics: RequestMetrics,
     ) -> None:
+        self.metrics = metrics
         self.batcher = batcher
         self.cache = cache
         self.model_name = model_name
@@ -136,10 +142,9 @@ class CompletionService:
         """Generate every choice to the end (or answer from the cache)."""
         self.check_model(request.model)
         key = self._cache_key(request)
-        if key is not None:
-            cached = await self.cache.lookup(key)
-            if cached is not None:
-                return _from_cache(cached)
+        cached = await self._lookup(key)
+        if cached is not None:
+            return _from_cache(cached)
         prepared = self._prepare(request, request_id)
         accumulator = Accumulator(len(prepared), request.n)
         async for delta in self._deltas(prepared):
@@ -156,10 +161,9 @@ class CompletionService:
         that a request rejected by the batcher raises here, before any response has begun."""
         self.check_model(request.model)
         key = self._cache_key(request)
-        if key is not None:
-            cached = await self.cache.lookup(key)
-            if cached is not None:
-                return True, _replay(cached)
+        cached = await self._lookup(key)
+        if cached is not None:
+            return True, _replay(cached)
         prepared = self._prepare(request, request_id)
         deltas = self._deltas(prepared)
         if key is not None:
@@ -207,12 +211,24 @@ class CompletionService:
                 )
         return prepared
 
+    async def _lookup(self, key: str | None) -> CachedResponse | None:
+        if key is None:
+            return None
+        cached = await self.cache.lookup(key)
+        counter = self.metrics.cache_misses if cached is None else self.metrics.cache_hits
+        counter.inc()
+        return cached
+
     async def _deltas(self, prepared: list[PreparedRequest]) -> AsyncIterator[ChoiceDelta]:
-        """Every choice's chunks as they come, merged; an error chunk raises ``ApiError``."""
+        """Every choice's chunks as they come, merged and timed; an error chunk raises
+        ``ApiError``."""
+        started = time.perf_counter()
+        timer = _StreamTimer(self.metrics, started)
         streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
         async for index, chunk in _merge(streams):
             if chunk.error is not None:
                 raise ApiError.from_request_error(chunk.error)
+            timer.observe(index, chunk)
             yield ChoiceDelta(index, chunk)
 
     def _cache_key(self, request: Request) -> str | None:
@@ -221,6 +237,34 @@ class CompletionService:
             return None
         payload = request.model_dump(exclude={"stream", "stream_options", "user"})
         return cache_key(self.model_version, {"kind": type(request).__name__, **payload})
+
+
+class _StreamTimer:
+    """Records a request's latency and token series as its chunks arrive."""
+
+    def __init__(self, metrics: RequestMetrics, started: float) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.last_token_at: dict[int, float] = {}
+
+    def observe(self, index: int, chunk: TextChunk) -> None:
+        now = time.perf_counter()
+        tokens = len(chunk.token_ids)
+        if tokens:
+            previous = self.last_token_at.get(index)
+            if previous is None:
+                self.metrics.time_to_first_token.observe(now - self.started)
+            else:
+                # A coalesced chunk spreads its gap over the tokens it carries.
+                gap = (now - previous) / tokens
+                for _ in range(tokens):
+                    self.metrics.inter_token_latency.observe(gap)
+            self.last_token_at[index] = now
+            self.metrics.generation_tokens.inc(tokens)
+        if chunk.finish_reason is not None:
+            self.metrics.e2e_latency.observe(now - self.started)
+            self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
+            self.metrics.requests.inc(tags={"finish_reason": chunk.finish_reason})
 
 
 async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk]]:
@@ -395,3 +439,47 @@ def _chat_logprobs(tokens: list[TokenText]) -> ChatLogprobs:
             for t in tokens
         ]
     )
+
+
+# Streams: deltas -> OpenAI and native chunks. Each takes the request's Accumulator so the
+# caller can read the usage once the stream is over.
+
+
+async def completion_chunks(
+    body: CompletionRequest, deltas: AsyncIterator[ChoiceDelta], accumulator: Accumulator
+) -> AsyncIterator[CompletionResponse]:
+    """``text_completion`` chunks, then a usage chunk when ``stream_options`` asks."""
+    response_id = new_id("cmpl")
+    async for delta in deltas:
+        accumulator.add(delta)
+        yield completion_chunk(response_id, body.model, delta)
+    if body.include_usage:
+        usage = accumulator.generation().usage
+        yield CompletionResponse(id=response_id, model=body.model, choices=[], usage=usage)
+
+
+async def chat_chunks(
+    body: ChatCompletionRequest, deltas: AsyncIterator[ChoiceDelta], accumulator: Accumulator
+) -> AsyncIterator[ChatCompletionChunk]:
+    """The assistant role first, then content chunks, then usage when asked."""
+    response_id = new_id("chatcmpl")
+    yield chat_role_chunk(response_id, body.model, body.n)
+    async for delta in deltas:
+        accumulator.add(delta)
+        yield chat_chunk(response_id, body.model, delta)
+    if body.include_usage:
+        usage = accumulator.generation().usage
+        yield ChatCompletionChunk(id=response_id, model=body.model, choices=[], usage=usage)
+
+
+async def infer_chunks(
+    deltas: AsyncIterator[ChoiceDelta], accumulator: Accumulator
+) -> AsyncIterator[StreamInferChunk]:
+    """``/v1/stream_infer`` chunks; the last one carries the usage."""
+    async for delta in deltas:
+        accumulator.add(delta)
+        chunk = delta.chunk
+        usage = accumulator.generation().usage if chunk.finish_reason else None
+        yield StreamInferChunk(
+            text=chunk.text, tokens=chunk.token_ids, finish_reason=chunk.finish_reason, usage=usage
+        )

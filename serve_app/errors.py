@@ -36,8 +36,10 @@ class ApiError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after or ("1" if status in (429, 503) else None)
         self.status = status
         self.message = message
         self.type = type or _TYPES.get(status, "server_error")
@@ -46,7 +48,8 @@ class ApiError(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         # Exceptions pickle through ``args``; keep every field when crossing a Ray hop.
-        return (_rebuild, (self.status, self.message, self.type, self.param, self.code))
+        fields = (self.status, self.message, self.type, self.param, self.code, self.retry_after)
+        return (_rebuild, fields)
 
     @classmethod
     def from_request_error(cls, error: RequestError) -> ApiError:
@@ -60,9 +63,14 @@ class ApiError(Exception):
 
 
 def _rebuild(
-    status: int, message: str, type_: str, param: str | None, code: str | None
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None,
+    code: str | None,
+    retry_after: str | None,
 ) -> ApiError:
-    return ApiError(status, message, type=type_, param=param, code=code)
+    return ApiError(status, message, type=type_, param=param, code=code, retry_after=retry_after)
 
 
 def to_api_error(exc: BaseException, request_id: str) -> ApiError:

@@ -1,41 +1,42 @@
 """The ``Ingress`` deployment: the HTTP/SSE surface and the typed methods for handle callers.
 
-Routes are thin adapters: validate, call ``CompletionService``, render. Errors of every kind
-go through ``errors.to_api_error``. (No ``from __future__ import annotations`` here: FastAPI
-reads the route signatures at runtime.)
+Routes are thin adapters: authenticate, admit (rate limits), call ``CompletionService``,
+render. Errors of every kind go through ``errors.to_api_error``. (No ``from __future__ import
+annotations`` here: FastAPI reads the route signatures at runtime.)
 """
 
 import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import sse
+from serve_app.auth import ApiKeyRegistry, AuthConfig, warn_if_open
 from serve_app.cache import ResponseCacheClient
 from serve_app.completions import (
     Accumulator,
-    ChoiceDelta,
     CompletionService,
     Generation,
-    chat_chunk,
+    chat_chunks,
     chat_response,
-    chat_role_chunk,
-    completion_chunk,
+    completion_chunks,
     completion_response,
+    infer_chunks,
 )
 from serve_app.errors import ApiError, to_api_error
 from serve_app.generation import ModelDescription
-from serve_app.metrics import IngressMetrics
+from serve_app.metrics import node_metrics_text, request_metrics
 from serve_app.protocol import (
     BatchInferRequest,
     BatchInferResponse,
@@ -49,16 +50,17 @@ from serve_app.protocol import (
     ModelCard,
     ModelInfo,
     ModelList,
-    StreamInferChunk,
     new_id,
 )
+from serve_app.rate_limit import RateLimitClient
 
 logger = logging.getLogger("ray.serve")
 
 CACHE_HEADER = "X-Cache"
 HEALTH_TIMEOUT_S = 2.0
+OPEN_PATHS = ("/health",)  # answered without an API key, for load balancers and probes
 
-app = FastAPI(title="serve_app", description="OpenAI-compatible LLM inference on Ray Serve.")
+OpenAIRequest = CompletionRequest | ChatCompletionRequest
 
 
 def _request_id() -> str:
@@ -70,12 +72,36 @@ def _request_id() -> str:
     return str(serve_context._get_serve_request_context().request_id or uuid.uuid4().hex)
 
 
+async def _authenticate(request: Request) -> None:
+    """With API keys configured, every route but ``/health`` needs ``Bearer <key>``."""
+    registry: ApiKeyRegistry | None = getattr(request.app.state, "api_keys", None)
+    if registry is None or not registry.enabled or request.url.path in OPEN_PATHS:
+        return
+    key = registry.authenticate(request.headers.get("authorization"))
+    if key is None:
+        raise ApiError(
+            401,
+            "a valid API key is required: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+    request.state.api_key = key
+
+
+# No interactive docs: they would be the one route served without a key.
+app = FastAPI(
+    title="serve_app",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+    dependencies=[Depends(_authenticate)],
+)
+
+
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     """The JSON error response for any exception."""
     error = to_api_error(exc, request_id)
-    headers = {}
-    if error.status in (429, 503):
-        headers["Retry-After"] = "1"
+    request_metrics().errors.inc(tags={"error_type": error.type})
+    headers = {"Retry-After": error.retry_after} if error.retry_after else {}
     return JSONResponse(error.body().model_dump(), status_code=error.status, headers=headers)
 
 
@@ -96,19 +122,12 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 @dataclass(frozen=True)
 class IngressSettings:
-    """What the ingress needs to know about the served model."""
+    """What the ingress needs to know about the served model and its callers."""
 
     model_name: str
     model_version: str
     default_max_tokens: int
-
-
-def sse(payload: BaseModel) -> str:
-    """One server-sent event."""
-    return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
+    auth: AuthConfig
 
 
 def _revalidate(body: Any) -> Any:
@@ -119,30 +138,17 @@ def _revalidate(body: Any) -> Any:
         raise to_api_error(exc, "handle") from None
 
 
-async def _framed(
-    chunks: AsyncIterator[BaseModel], source: AsyncIterator[Any], request_id: str
-) -> AsyncIterator[str]:
-    """SSE framing: one event per chunk, then ``[DONE]``. An error after the stream has begun goes
-    out as one final error event, then the stream closes. Closing this closes ``source``,
-    which cancels generation (the client went away)."""
-    try:
-        async for chunk in chunks:
-            yield sse(chunk)
-        yield SSE_DONE
-    except Exception as exc:
-        yield sse(to_api_error(exc, request_id).body())
-    finally:
-        await source.aclose()  # type: ignore[attr-defined]
-
-
-def _streaming(body: AsyncIterator[str], cache_hit: bool) -> StreamingResponse:
-    headers = {CACHE_HEADER: "hit" if cache_hit else "miss"}
-    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-
-
 def _json(payload: BaseModel, generation: Generation) -> JSONResponse:
     headers = {CACHE_HEADER: "hit" if generation.cache_hit else "miss"}
     return JSONResponse(payload.model_dump(mode="json"), headers=headers)
+
+
+def _accumulator_for(body: OpenAIRequest) -> Accumulator:
+    prompts = len(body.prompts) if isinstance(body, CompletionRequest) else 1
+    return Accumulator(prompts * body.n, body.n)
+
+
+ChunkRenderer = Callable[[Any, AsyncIterator[Any], Accumulator], AsyncIterator[BaseModel]]
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -155,41 +161,36 @@ class Ingress:
         batcher: DeploymentHandle,
         model: DeploymentHandle,
         cache: DeploymentHandle | None,
+        rate_limiter: DeploymentHandle | None,
         settings: IngressSettings,
     ) -> None:
         self.model = model
         self.settings = settings
-        self.counters = IngressMetrics()
-        self.cache = ResponseCacheClient(cache)
+        self.api_keys = ApiKeyRegistry(settings.auth)
+        warn_if_open(self.api_keys, logger)
+        app.state.api_keys = self.api_keys
+        self.limits = RateLimitClient(rate_limiter, settings.auth.rate_limit_timeout_s)
         self.service = CompletionService(
-            batcher, self.cache, settings.model_name, settings.model_version,
+            batcher,
+            ResponseCacheClient(cache),
+            settings.model_name,
+            settings.model_version,
             settings.default_max_tokens,
-        )  # fmt: skip
+            request_metrics(),
+        )
         self._description: ModelDescription | None = None
 
     # OpenAI-compatible API
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
         """OpenAI text completions."""
-        request_id = _request_id()
-        if body.stream:
-            cache_hit, deltas = await self.service.stream(body, request_id)
-            chunks = self._completion_chunks(body, deltas)
-            return _streaming(_framed(chunks, deltas, request_id), cache_hit)
-        generation = await self._run(body, request_id)
-        return _json(completion_response(new_id("cmpl"), body.model, generation), generation)
+        return await self._openai(request, body, completion_response, completion_chunks)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions."""
-        request_id = _request_id()
-        if body.stream:
-            cache_hit, deltas = await self.service.stream(body, request_id)
-            chunks = self._chat_chunks(body, deltas)
-            return _streaming(_framed(chunks, deltas, request_id), cache_hit)
-        generation = await self._run(body, request_id)
-        return _json(chat_response(new_id("chatcmpl"), body.model, generation), generation)
+        return await self._openai(request, body, chat_response, chat_chunks)
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
@@ -200,37 +201,27 @@ class Ingress:
     # Native API
 
     @app.post("/v1/infer")
-    async def infer(self, body: InferRequest) -> InferResponse:
+    async def infer(self, body: InferRequest, request: Request) -> InferResponse:
         """One prompt in, its completion out."""
-        return await self._infer(body, _request_id())
+        return await self._infer(request, body, _request_id())
 
     @app.post("/v1/batch_infer")
-    async def batch_infer(self, body: BatchInferRequest) -> BatchInferResponse:
+    async def batch_infer(self, body: BatchInferRequest, request: Request) -> BatchInferResponse:
         """Many prompts; each result carries its own error, so one bad item fails alone."""
         request_id = _request_id()
         results = await asyncio.gather(
-            *(self._infer_item(item, f"{request_id}-{i}") for i, item in enumerate(body.requests))
+            *(
+                self._infer_item(request, item, f"{request_id}-{i}")
+                for i, item in enumerate(body.requests)
+            )
         )
         return BatchInferResponse(results=list(results))
 
     @app.post("/v1/stream_infer", response_model=None)
-    async def stream_infer(self, body: InferRequest) -> Response:
+    async def stream_infer(self, body: InferRequest, request: Request) -> Response:
         """One prompt, its completion streamed as server-sent events."""
-        request_id = _request_id()
         completion = body.to_completion_request(self.settings.model_name)
-        cache_hit, deltas = await self.service.stream(completion, request_id)
-        accumulator = Accumulator(1, 1)
-
-        async def chunks() -> AsyncIterator[StreamInferChunk]:
-            async for delta in deltas:
-                accumulator.add(delta)
-                self.counters.count_tokens(delta)
-                chunk = delta.chunk
-                usage = accumulator.generation().usage if chunk.finish_reason else None
-                yield StreamInferChunk(text=chunk.text, tokens=chunk.token_ids,
-                                       finish_reason=chunk.finish_reason, usage=usage)  # fmt: skip
-
-        return _streaming(_framed(chunks(), deltas, request_id), cache_hit)
+        return await self._stream(request, completion, lambda _, d, a: infer_chunks(d, a))
 
     @app.get("/v1/model_info")
     async def model_info(self) -> ModelInfo:
@@ -258,51 +249,108 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        """Prometheus text format."""
-        self.counters.observe_cache(self.cache)
-        return Response(self.counters.render(), media_type="text/plain; version=0.0.4")
+        """The service's series on this node, in Prometheus text format."""
+        text = await asyncio.to_thread(node_metrics_text)
+        return Response(text, media_type="text/plain; version=0.0.4")
 
-    # Typed methods for Python callers (serve.get_app_handle(...).generate.remote(...))
+    # Typed methods for Python callers (serve.get_app_handle(...).generate.remote(...)).
+    # They run inside the cluster, so no API key and no rate limit apply.
 
     async def generate(self, body: CompletionRequest) -> CompletionResponse:
         """A completion, validated and failing exactly as over HTTP (raises ``ApiError``)."""
         body = _revalidate(body)
-        generation = await self._run(body, _request_id())
+        generation = await self.service.run(body, _request_id())
         return completion_response(new_id("cmpl"), body.model, generation)
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         """A chat completion (raises ``ApiError``)."""
         body = _revalidate(body)
-        generation = await self._run(body, _request_id())
+        generation = await self.service.run(body, _request_id())
         return chat_response(new_id("chatcmpl"), body.model, generation)
 
     async def stream(self, body: CompletionRequest) -> AsyncIterator[CompletionResponse]:
         """Completion chunks; the last one carries usage when ``stream_options`` asks."""
         body = _revalidate(body)
         _, deltas = await self.service.stream(body, _request_id())
-        async for chunk in self._completion_chunks(body, deltas):
+        async for chunk in completion_chunks(body, deltas, _accumulator_for(body)):
             yield chunk
 
     async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Chat chunks: the assistant role first, then content, then usage if asked."""
         body = _revalidate(body)
         _, deltas = await self.service.stream(body, _request_id())
-        async for chunk in self._chat_chunks(body, deltas):
+        async for chunk in chat_chunks(body, deltas, _accumulator_for(body)):
             yield chunk
 
     # Helpers
 
-    async def _run(
-        self, body: CompletionRequest | ChatCompletionRequest, request_id: str
-    ) -> Generation:
-        generation = await self.service.run(body, request_id)
-        self.counters.count_generation(generation)
-        return generation
+    async def _openai(
+        self,
+        request: Request,
+        body: OpenAIRequest,
+        render: Callable[[str, str, Generation], BaseModel],
+        render_chunks: ChunkRenderer,
+    ) -> Response:
+        if body.stream:
+            return await self._stream(request, body, render_chunks)
+        request_id = _request_id()
+        generation = await self._limited(request, body, lambda: self.service.run(body, request_id))
+        prefix = "cmpl" if isinstance(body, CompletionRequest) else "chatcmpl"
+        return _json(render(new_id(prefix), body.model, generation), generation)
 
-    async def _infer(self, body: InferRequest, request_id: str) -> InferResponse:
+    async def _stream(
+        self, request: Request, body: OpenAIRequest, render_chunks: ChunkRenderer
+    ) -> Response:
+        request_id = _request_id()
+        reservation = await self._admit(request, body)
+        try:
+            cache_hit, deltas = await self.service.stream(body, request_id)
+        except BaseException:
+            await self.limits.settle(reservation, 0)
+            raise
+        accumulator = _accumulator_for(body)
+
+        async def settle() -> None:
+            await self.limits.settle(reservation, accumulator.generation().usage.total_tokens)
+
+        chunks = render_chunks(body, deltas, accumulator)
+        events = sse.framed(chunks, deltas, request_id, on_close=settle)
+        return sse.streaming_response(events, {CACHE_HEADER: "hit" if cache_hit else "miss"})
+
+    async def _admit(self, request: Request, body: OpenAIRequest) -> str | None:
+        """Apply the caller's rate limits; returns the reservation to settle afterwards."""
+        key = getattr(request.state, "api_key", None)
+        if key is None:
+            return None
+        tokens = body.reserved_tokens(self.settings.default_max_tokens)
+        decision = await self.limits.acquire(key.name, self.api_keys.limits_for(key), tokens)
+        if not decision.allowed:
+            raise ApiError(
+                429,
+                decision.reason or "rate limit exceeded",
+                code="rate_limit_exceeded",
+                retry_after=decision.retry_after_header,
+            )
+        return decision.reservation_id
+
+    async def _limited(
+        self, request: Request, body: OpenAIRequest, work: Callable[[], Awaitable[Generation]]
+    ) -> Generation:
+        """Run ``work`` within the caller's rate limits, settling what it really used."""
+        reservation = await self._admit(request, body)
+        used = 0
+        try:
+            generation = await work()
+            used = generation.usage.total_tokens
+            return generation
+        finally:
+            await self.limits.settle(reservation, used)
+
+    async def _infer(self, request: Request, body: InferRequest, request_id: str) -> InferResponse:
         started = time.perf_counter()
-        generation = await self._run(
-            body.to_completion_request(self.settings.model_name), request_id
+        completion = body.to_completion_request(self.settings.model_name)
+        generation = await self._limited(
+            request, completion, lambda: self.service.run(completion, request_id)
         )
         choice = generation.choices[0]
         return InferResponse(
@@ -313,9 +361,11 @@ class Ingress:
             finish_reason=choice.finish_reason,
         )
 
-    async def _infer_item(self, item: dict[str, Any], request_id: str) -> InferResponse:
+    async def _infer_item(
+        self, request: Request, item: dict[str, Any], request_id: str
+    ) -> InferResponse:
         try:
-            return await self._infer(InferRequest.model_validate(item), request_id)
+            return await self._infer(request, InferRequest.model_validate(item), request_id)
         except Exception as exc:
             return InferResponse(error=to_api_error(exc, request_id).body().error)
 
@@ -323,30 +373,3 @@ class Ingress:
         if self._description is None:
             self._description = await self.model.describe.remote()
         return self._description
-
-    async def _completion_chunks(
-        self, body: CompletionRequest, deltas: AsyncIterator[ChoiceDelta]
-    ) -> AsyncIterator[CompletionResponse]:
-        response_id = new_id("cmpl")
-        accumulator = Accumulator(len(body.prompts) * body.n, body.n)
-        async for delta in deltas:
-            accumulator.add(delta)
-            self.counters.count_tokens(delta)
-            yield completion_chunk(response_id, body.model, delta)
-        if body.include_usage:
-            usage = accumulator.generation().usage
-            yield CompletionResponse(id=response_id, model=body.model, choices=[], usage=usage)
-
-    async def _chat_chunks(
-        self, body: ChatCompletionRequest, deltas: AsyncIterator[ChoiceDelta]
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        response_id = new_id("chatcmpl")
-        yield chat_role_chunk(response_id, body.model, body.n)
-        accumulator = Accumulator(body.n, body.n)
-        async for delta in deltas:
-            accumulator.add(delta)
-            self.counters.count_tokens(delta)
-            yield chat_chunk(response_id, body.model, delta)
-        if body.include_usage:
-            usage = accumulator.generation().usage
-            yield ChatCompletionChunk(id=response_id, model=body.model, choices=[], usage=usage)

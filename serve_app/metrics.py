@@ -1,51 +1,130 @@
-"""Prometheus series of the ingress, in the names vLLM users know."""
+"""Service metrics, recorded through Ray's metrics pipeline (``ray.serve.metrics``).
+
+Every replica records its own series; Ray's per-node metrics agent exports them (prefixed
+``ray_``, counters suffixed ``_total``) for Prometheus to scrape, and ``GET /metrics`` on the
+ingress relays the ``serve_app`` series of its node. Names follow vLLM's conventions; each is
+documented in ``docs/METRICS.md``.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+import functools
+import logging
+import urllib.request
 
-from serve_app.cache import ResponseCacheClient
-from serve_app.completions import ChoiceDelta, Generation
+import ray
+from ray.serve import metrics
+
+from serve_app.engine import StepStats
+
+logger = logging.getLogger("ray.serve")
 
 PREFIX = "serve_app"
+EXPORTED_PREFIX = f"ray_{PREFIX}_"
+LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
+                     0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]  # fmt: skip
+BATCH_BUCKETS = [1.0, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 
 
-class IngressMetrics:
-    """Counters of one ingress replica, rendered by ``GET /metrics``."""
+class RequestMetrics:
+    """Per-request series, recorded by the ingress."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "Tokens returned to clients.", registry=self.registry
+        self.time_to_first_token = metrics.Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first generated token.",
+            boundaries=LATENCY_BUCKETS_S,
         )
-        self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=self.registry
+        self.inter_token_latency = metrics.Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Seconds between consecutive output tokens of a request.",
+            boundaries=LATENCY_BUCKETS_S,
         )
-        self.cache_lookups = Counter(
-            f"{PREFIX}_response_cache_lookups",
-            "Response-cache lookups by result (hit, miss, error).",
-            ["result"],
-            registry=self.registry,
+        self.e2e_latency = metrics.Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Seconds from a request's arrival to its last token.",
+            boundaries=LATENCY_BUCKETS_S,
         )
-        self._cache_seen = {"hit": 0, "miss": 0, "error": 0}
+        self.prompt_tokens = metrics.Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests."
+        )
+        self.generation_tokens = metrics.Counter(
+            f"{PREFIX}_generation_tokens", "Tokens generated and returned to clients."
+        )
+        self.requests = metrics.Counter(
+            f"{PREFIX}_requests",
+            "Finished requests by finish reason (stop, length).",
+            tag_keys=("finish_reason",),
+        )
+        self.errors = metrics.Counter(
+            f"{PREFIX}_request_errors",
+            "Failed requests by error type (the OpenAI error type).",
+            tag_keys=("error_type",),
+        )
+        self.cache_hits = metrics.Counter(
+            f"{PREFIX}_response_cache_hits", "Requests answered from the response cache."
+        )
+        self.cache_misses = metrics.Counter(
+            f"{PREFIX}_response_cache_misses", "Cacheable requests the response cache lacked."
+        )
 
-    def count_tokens(self, delta: ChoiceDelta) -> None:
-        """Count a streamed delta's tokens (and its prompt, once, on its final chunk)."""
-        self.generation_tokens.inc(len(delta.chunk.token_ids))
-        if delta.chunk.finish_reason is not None:
-            self.prompt_tokens.inc(delta.chunk.prompt_tokens)
 
-    def count_generation(self, generation: Generation) -> None:
-        """Count a finished, non-streamed request."""
-        self.generation_tokens.inc(generation.completion_tokens)
-        self.prompt_tokens.inc(generation.prompt_tokens)
+@functools.cache
+def request_metrics() -> RequestMetrics:
+    """This process's request series (created once, inside a Serve replica)."""
+    return RequestMetrics()
 
-    def observe_cache(self, cache: ResponseCacheClient) -> None:
-        """Bring the cache client's counts into the registry."""
-        for result, total in (("hit", cache.hits), ("miss", cache.misses), ("error", cache.errors)):
-            self.cache_lookups.labels(result).inc(total - self._cache_seen[result])
-            self._cache_seen[result] = total
 
-    def render(self) -> bytes:
-        """Prometheus text exposition."""
-        return generate_latest(self.registry)
+class EngineMetrics:
+    """Per-step series, recorded by each model replica after every engine step."""
+
+    def __init__(self) -> None:
+        self.running = metrics.Gauge(
+            f"{PREFIX}_num_requests_running", "Sequences in the engine's running batch."
+        )
+        self.waiting = metrics.Gauge(
+            f"{PREFIX}_num_requests_waiting", "Sequences waiting for admission to the batch."
+        )
+        self.kv_cache_usage = metrics.Gauge(
+            f"{PREFIX}_kv_cache_usage_ratio", "Fraction of the KV-cache token budget in use."
+        )
+        self.queue_time = metrics.Histogram(
+            f"{PREFIX}_request_queue_time_seconds",
+            "Seconds a sequence waited before joining the running batch.",
+            boundaries=LATENCY_BUCKETS_S,
+        )
+        self.batch_size = metrics.Histogram(
+            f"{PREFIX}_batch_size",
+            "Sequences decoded together in one engine step.",
+            boundaries=BATCH_BUCKETS,
+        )
+        self._last_occupancy: tuple[int, int, float] | None = None
+
+    def record(self, stats: StepStats) -> None:
+        """Record one step (called on the engine thread)."""
+        occupancy = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
+        if occupancy != self._last_occupancy:  # gauges only need changes; steps are hot
+            self._last_occupancy = occupancy
+            self.running.set(stats.num_running)
+            self.waiting.set(stats.num_waiting)
+            self.kv_cache_usage.set(stats.kv_cache_usage)
+        if stats.decoded:
+            self.batch_size.observe(stats.decoded)
+        for seconds in stats.queue_times_s:
+            self.queue_time.observe(seconds)
+
+
+def node_metrics_text(timeout_s: float = 2.0) -> str:
+    """The ``serve_app`` series this node's Ray metrics agent exports, in Prometheus text."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text: str = response.read().decode()
+    return "".join(line + "\n" for line in text.splitlines() if _is_ours(line))
+
+
+def _is_ours(line: str) -> bool:
+    if line.startswith("#"):
+        return f" {EXPORTED_PREFIX}" in line
+    return line.startswith(EXPORTED_PREFIX)

@@ -18,6 +18,7 @@ from serve_app.engine import (
 )
 from serve_app.engine.onnx_model import count_parameters
 from serve_app.generation import ModelDescription, ModelStep, RejectedRequest
+from serve_app.metrics import EngineMetrics
 from serve_app.routing import ReplicaAffinityRouter
 
 logger = logging.getLogger("ray.serve")
@@ -34,7 +35,7 @@ class LLMModel:
 
     def __init__(self, engine_config: EngineConfig | dict[str, Any]) -> None:
         self.config = EngineConfig.model_validate(engine_config)
-        self.engine = AsyncLLMEngine(self.config)
+        self.engine = AsyncLLMEngine(self.config, on_step=EngineMetrics().record)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.parameters = count_parameters(self.config.model_path / self.config.onnx_file)
         self.loaded_at = time.time()
@@ -43,10 +44,11 @@ class LLMModel:
     async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[ModelStep]:
         """Stream a micro-batch. Requests the engine refuses are reported in the first message
         and the rest still run; cancelling the call aborts every sequence still running."""
-        accepted, rejected = [], {}
+        accepted: list[GenerationRequest] = []
+        rejected: dict[str, RejectedRequest] = {}
         for request in requests:
             try:
-                self.engine.check_request(request)
+                self.engine.check_request(request, ahead=len(accepted))
                 accepted.append(request)
             except InvalidRequestError as exc:
                 rejected[request.request_id] = RejectedRequest(str(exc), exc.param)

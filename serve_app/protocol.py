@@ -131,6 +131,12 @@ class CompletionRequest(_SamplingFields):
         """Engine parameters for one choice."""
         return self._sampling_params(self.max_tokens, self.logprobs)
 
+    def reserved_tokens(self, default_max_tokens: int) -> int:
+        """Tokens a rate limit reserves up front: estimated prompts plus every choice's limit."""
+        del default_max_tokens  # completions always carry max_tokens
+        prompt = sum(_estimate_tokens(p) for p in self.prompts)
+        return prompt + self.max_tokens * self.n * len(self.prompts)
+
 
 class ChatMessage(_Request):
     """One message of a conversation."""
@@ -180,6 +186,12 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
+
+    def reserved_tokens(self, default_max_tokens: int) -> int:
+        """Tokens a rate limit reserves up front: estimated prompt plus every choice's limit."""
+        prompt = sum(_estimate_tokens(m.text()) for m in self.messages)
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return prompt + max_tokens * self.n
 
     def message_dicts(self) -> list[dict[str, str]]:
         """Messages as the chat template expects them."""
@@ -404,6 +416,11 @@ class ModelInfo(BaseModel):
     parameters: int = Field(description="Parameter count from the model's weights.")
     context_length: int
     loaded_at: float = Field(description="Unix time the model finished loading.")
+
+
+def _estimate_tokens(text: str) -> int:
+    # The ingress never tokenizes; ~4 characters a token, settled to the real count later.
+    return len(text) // 4 + 1
 
 
 def new_id(prefix: str) -> str:

@@ -9,19 +9,18 @@ through ``RateLimitClient``, which lets requests through when the limiter cannot
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import KeyLimits
+from serve_app.best_effort import BestEffortHandle
 
 logger = logging.getLogger(__name__)
 
@@ -183,46 +182,33 @@ class RateLimitClient:
     """The ingress's view of the limiter: when it cannot answer, requests go through."""
 
     def __init__(self, handle: DeploymentHandle | None, timeout_s: float = 0.25) -> None:
-        self._handle = handle
-        self._timeout_s = timeout_s
-        self.errors = 0
+        self._limiter = (
+            BestEffortHandle(handle, timeout_s, "letting the request through") if handle else None
+        )
+
+    @property
+    def errors(self) -> int:
+        """Failed limiter calls so far."""
+        return self._limiter.errors if self._limiter else 0
 
     async def acquire(self, key_name: str, limits: KeyLimits, tokens: int) -> Decision:
         """The limiter's decision; an allow without reservation if unlimited, absent or failing."""
         unlimited = limits.requests_per_minute is None and limits.tokens_per_minute is None
-        if self._handle is None or unlimited:
+        if self._limiter is None or unlimited:
             return _ALLOW_UNRESERVED
         try:
-            decision: Decision = await self._call("acquire", key_name, limits, tokens)
+            decision: Decision = await self._limiter.call("acquire", key_name, limits, tokens)
         except Exception as exc:
             # Fail open: availability over strictness; limits are for fairness, auth still applies.
-            self._record_error("acquire", exc)
+            self._limiter.record_error("rate limiter acquire", exc)
             return _ALLOW_UNRESERVED
         return decision
 
     async def settle(self, reservation_id: str | None, actual_tokens: int) -> None:
         """Give back the unused part of a reservation; None (nothing reserved) is a no-op."""
-        if self._handle is None or reservation_id is None:
+        if self._limiter is None or reservation_id is None:
             return
         try:
-            await self._call("settle", reservation_id, actual_tokens)
+            await self._limiter.call("settle", reservation_id, actual_tokens)
         except Exception as exc:
-            self._record_error("settle", exc)
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        response = getattr(self._handle, method).remote(*args)
-        try:
-            return await asyncio.wait_for(response, self._timeout_s)
-        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-            # Without a live replica the request would wait in the router forever.
-            response.cancel()
-            raise
-
-    def _record_error(self, operation: str, exc: Exception) -> None:
-        self.errors += 1
-        logger.warning(
-            "rate limiter %s failed (%s: %s); letting the request through",
-            operation,
-            type(exc).__name__,
-            exc,
-        )
+            self._limiter.record_error("rate limiter settle", exc)

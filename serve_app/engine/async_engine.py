@@ -115,10 +115,10 @@ class AsyncLLMEngine:
             for request_id in pending:
                 self.abort(request_id)
 
-    def check_request(self, request: GenerationRequest) -> None:
+    def check_request(self, request: GenerationRequest, ahead: int = 0) -> None:
         """Raise ``InvalidRequestError`` or ``EngineOverloadedError`` if the engine would
-        refuse ``request`` now."""
-        self.engine.check_capacity(pending=self._commands.qsize())
+        refuse ``request`` now, with ``ahead`` more sequences about to be queued before it."""
+        self.engine.check_capacity(pending=self._commands.qsize() + ahead)
         self.engine.new_sequence(request.request_id, request.prompt_token_ids, request.params)
 
     def abort(self, request_id: str) -> None:

@@ -38,8 +38,11 @@ class Sampler:
             logits = logits.copy()  # keep the raw logits for logprobs
             self._apply_penalties(logits, sequences)
             self._ban_early_stop(logits, sequences)
-        token_ids = np.empty(len(sequences), dtype=np.int64)
         greedy = np.array([s.params.greedy for s in sequences], dtype=bool)
+        if greedy.all():  # the common serving case: one argmax, no per-row work
+            token_ids = logits.argmax(axis=1)
+            return SamplerOutput(token_ids, _logprobs(raw, token_ids, sequences))
+        token_ids = np.empty(len(sequences), dtype=np.int64)
         if greedy.any():
             token_ids[greedy] = logits[greedy].argmax(axis=1)
         sampled_rows = np.flatnonzero(~greedy)

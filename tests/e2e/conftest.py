@@ -42,6 +42,29 @@ def wait_healthy(base_url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     raise TimeoutError(f"{base_url}/health did not become healthy: {last}")
 
 
+def scrape(client: httpx.Client, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in ``GET /metrics`` whose labels include ``labels``."""
+    total = 0.0
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in client.get("/metrics").text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(w in series for w in wanted):
+            total += float(value)
+    return total
+
+
+def wait_for_metric(
+    client: httpx.Client, name: str, expected: float, timeout_s: float = 30, **labels: str
+) -> float:
+    """Poll ``/metrics`` until ``name`` reaches ``expected`` (Ray exports every ~0.5 s here)."""
+    deadline = time.monotonic() + timeout_s
+    value = scrape(client, name, **labels)
+    while value < expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+        value = scrape(client, name, **labels)
+    return value
+
+
 def app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
     """Application args for tests: the demo model, small engine, Ray on few CPUs."""
     args: dict[str, Any] = {
@@ -58,7 +81,11 @@ def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]
     by defining a module-level ``APP_OVERRIDES`` dict."""
     overrides = getattr(request.module, "APP_OVERRIDES", {})
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        _system_config={"metrics_report_interval_ms": 500},  # see new series quickly
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args(model_dir, **overrides)), name=APP_NAME, route_prefix="/")

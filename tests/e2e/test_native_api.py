@@ -8,15 +8,9 @@ import time
 import httpx
 
 from serve_app.tokenizer import Tokenizer
+from tests.e2e.conftest import scrape, wait_for_metric
 
-
-def metric(client: httpx.Client, name: str, labels: str = "") -> float:
-    """One sample of ``GET /metrics``."""
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{wanted} not in /metrics")
+HITS = "ray_serve_app_response_cache_hits_total"
 
 
 def engine_load(client: httpx.Client) -> tuple[int, int]:
@@ -84,7 +78,7 @@ def test_model_info_health_and_models(client: httpx.Client) -> None:
 
 
 def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Client) -> None:
-    hits_before = metric(client, "serve_app_response_cache_lookups_total", 'result="hit"')
+    hits_before = scrape(client, HITS)
     request = {
         "model": "demo",
         "prompt": "The assert statement",
@@ -96,9 +90,7 @@ def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Clie
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert second.json()["choices"] == first.json()["choices"]
     assert second.json()["usage"] == first.json()["usage"]
-    assert (
-        metric(client, "serve_app_response_cache_lookups_total", 'result="hit"') == hits_before + 1
-    )
+    assert wait_for_metric(client, HITS, hits_before + 1) == hits_before + 1
 
 
 def test_sampled_request_never_hits_the_cache(client: httpx.Client) -> None:
@@ -159,3 +151,20 @@ def test_disconnect_mid_stream_aborts_the_sequence(client: httpx.Client, served_
     while engine_load(client) != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine_load(client) == (0, 0)
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_streams(
+    client: httpx.Client, served_app: str
+) -> None:
+    long = {"prompt": "The", "max_tokens": 700, "temperature": 0.7}
+    with (
+        httpx.Client(base_url=served_app, timeout=60) as other,
+        other.stream("POST", "/v1/stream_infer", json=long) as stream,
+    ):
+        lines = stream.iter_lines()
+        next(lines)  # the long request is generating
+        short = client.post("/v1/infer", json={"prompt": "import", "max_tokens": 3})
+        assert short.status_code == 200
+        assert short.json()["usage"]["completion_tokens"] == 3
+        # Still streaming: the short request did not wait for the long one to end.
+        assert not any(line == "data: [DONE]" for line in [next(lines) for _ in range(4)])
