@@ -45,6 +45,7 @@ def engine_round_fn(
     max_tokens: int,
     threads: int,
     max_num_seqs: int = 256,
+    allow_spinning: bool = True,
 ) -> RoundFn:
     """Rounds on this engine; request i of a round gets ``prompts[i % len(prompts)]``."""
     longest = max(len(p) for p in prompts)
@@ -54,6 +55,7 @@ def engine_round_fn(
         kv_cache_tokens=max_num_seqs * (longest + max_tokens),
         max_prefill_tokens=64 * longest,
         intra_op_num_threads=threads,
+        allow_spinning=allow_spinning,
     )
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

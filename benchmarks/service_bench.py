@@ -85,13 +85,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="let onnxruntime threads spin between steps (steals CPU from the other hops)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "service_bench.json")
     args = parser.parse_args()
     model_dir = MODELS[args.model][0]
     tokenizer = Tokenizer(model_dir)
     levels, m = args.concurrency, args.max_tokens
-    engine_options = {"max_num_seqs": 64, "kv_cache_tokens": 64 * (2 * args.prompt_len + m),
-                      "intra_op_num_threads": args.threads}  # fmt: skip
+    engine_options = {
+        "max_num_seqs": 64,
+        "kv_cache_tokens": 64 * (2 * args.prompt_len + m),
+        "intra_op_num_threads": args.threads,
+        "allow_spinning": args.spinning,
+    }
 
     print(f"== service: {model_dir}", flush=True)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -114,7 +124,9 @@ def main() -> None:
     for level in levels:
         prompts = prompts_for(tokenizer, level, args.prompt_len, seed=next(rounds))
         ids = [tokenizer.encode(p) for p in prompts]
-        round_fn = engine_round_fn(model_dir, ids, m, args.threads, max_num_seqs=64)
+        round_fn = engine_round_fn(
+            model_dir, ids, m, args.threads, max_num_seqs=64, allow_spinning=args.spinning
+        )
         round_fn(min(4, level))  # warm-up
         timings, wall = round_fn(level)
         engine_results.append(summarize("engine", timings, wall, args.prompt_len, m))

@@ -53,6 +53,18 @@ def scrape(client: httpx.Client, name: str, **labels: str) -> float:
     return total
 
 
+def settled_metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """``name`` once earlier traffic has been exported: two reads a second apart agree."""
+    previous = scrape(client, name, **labels)
+    for _ in range(20):
+        time.sleep(1.0)
+        current = scrape(client, name, **labels)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def wait_for_metric(
     client: httpx.Client, name: str, expected: float, timeout_s: float = 30, **labels: str
 ) -> float:

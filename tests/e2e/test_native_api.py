@@ -8,7 +8,7 @@ import time
 import httpx
 
 from serve_app.tokenizer import Tokenizer
-from tests.e2e.conftest import scrape, wait_for_metric
+from tests.e2e.conftest import scrape, settled_metric, wait_for_metric
 
 HITS = "ray_serve_app_response_cache_hits_total"
 
@@ -78,7 +78,7 @@ def test_model_info_health_and_models(client: httpx.Client) -> None:
 
 
 def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Client) -> None:
-    hits_before = scrape(client, HITS)
+    hits_before = settled_metric(client, HITS)
     request = {
         "model": "demo",
         "prompt": "The assert statement",
@@ -168,3 +168,35 @@ def test_a_short_request_joins_and_leaves_while_a_long_one_streams(
         assert short.json()["usage"]["completion_tokens"] == 3
         # Still streaming: the short request did not wait for the long one to end.
         assert not any(line == "data: [DONE]" for line in [next(lines) for _ in range(4)])
+
+
+def test_metrics_move_with_real_traffic(client: httpx.Client) -> None:
+    tokens_before = settled_metric(client, "ray_serve_app_generation_tokens_total")
+    length_before = scrape(client, "ray_serve_app_requests_total", finish_reason="length")
+    ttft_before = scrape(client, "ray_serve_app_time_to_first_token_seconds_count")
+    errors_before = scrape(
+        client, "ray_serve_app_request_errors_total", error_type="invalid_request_error"
+    )
+    returned = 0
+    for prompt in ("The yield", "The global statement", "Return the"):
+        body = {"prompt": prompt, "max_tokens": 7, "temperature": 0.9}  # sampled: never cached
+        returned += len(client.post("/v1/infer", json=body).json()["tokens"])
+    assert client.post("/v1/infer", json={"prompt": ""}).status_code == 400
+
+    name = "ray_serve_app_generation_tokens_total"
+    assert wait_for_metric(client, name, tokens_before + returned) == tokens_before + returned
+    lengths = wait_for_metric(
+        client, "ray_serve_app_requests_total", length_before + 3, finish_reason="length"
+    )
+    assert lengths == length_before + 3
+    ttft = "ray_serve_app_time_to_first_token_seconds_count"
+    assert wait_for_metric(client, ttft, ttft_before + 3) == ttft_before + 3
+    errors = wait_for_metric(
+        client,
+        "ray_serve_app_request_errors_total",
+        errors_before + 1,
+        error_type="invalid_request_error",
+    )
+    assert errors == errors_before + 1
+    assert "ray_serve_app_kv_cache_usage_ratio" in client.get("/metrics").text
+    assert "ray_serve_app_batch_size_bucket" in client.get("/metrics").text
