@@ -16,9 +16,9 @@ from serve_app import DEMO_MODEL_DIR
 from serve_app.auth import AuthConfig
 from serve_app.batcher import Batcher, BatcherConfig
 from serve_app.cache import ResponseCache, ResponseCacheConfig
-from serve_app.engine import EngineConfig, EngineOptions
+from serve_app.engine import EngineOptions
 from serve_app.ingress import Ingress, IngressSettings
-from serve_app.model import LLMModel
+from serve_app.model import LLMModel, ModelSource
 from serve_app.rate_limit import RateLimiter
 
 
@@ -63,10 +63,20 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress -> Batcher -> LLMModel, with the ResponseCache beside the ingress."""
-    settings = AppArgs.model_validate(args)
-    engine = EngineConfig(model_path=settings.model_path, **settings.engine.model_dump())
-    model = LLMModel.bind(engine.model_dump(mode="json"))  # type: ignore[attr-defined]
+    """The application ``serve run`` / ``serve deploy`` start (``import_path``)."""
+    return compose(AppArgs.model_validate(args))
+
+
+def compose(settings: AppArgs, model_options: dict[str, Any] | None = None) -> Application:
+    """Ingress -> Batcher -> LLMModel, with the ResponseCache beside the ingress.
+
+    ``model_options`` are Ray Serve deployment options for ``LLMModel`` (e.g.
+    ``autoscaling_config``), for Python callers; config files use ``deployments:`` instead.
+    """
+    source = ModelSource(model_path=settings.model_path, model_version=settings.version())
+    model = LLMModel.options(  # type: ignore[attr-defined]
+        user_config=source.model_dump(mode="json"), **(model_options or {})
+    ).bind(settings.engine.model_dump(mode="json"))
     batcher = Batcher.options(  # type: ignore[attr-defined]
         user_config=settings.batcher.model_dump()
     ).bind(model, str(settings.model_path))
@@ -78,7 +88,6 @@ def build_app(args: dict[str, Any]) -> Application:
     rate_limiter = RateLimiter.bind() if _has_limits(settings.auth) else None  # type: ignore[attr-defined]
     ingress_settings = IngressSettings(
         model_name=settings.model_name,
-        model_version=settings.version(),
         default_max_tokens=settings.default_max_tokens,
         auth=settings.auth,
     )

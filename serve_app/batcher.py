@@ -55,6 +55,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
     pending: TextChunk | None = None
+    model_version: str | None = None
     done: bool = False  # its final chunk has been produced
     closed: bool = False  # StopIteration has been sent
 
@@ -175,6 +176,9 @@ class Batcher:
         return request.prompt or ""
 
     def _on_step(self, step: ModelStep, by_id: dict[str, _Tracked]) -> None:
+        if step.model_version is not None:
+            for t in by_id.values():
+                t.model_version = step.model_version
         for request_id, rejected in step.rejected.items():
             error = RequestError(rejected.status, rejected.message, param=rejected.param)
             by_id[request_id].pending = TextChunk(request_id, error=error)
@@ -202,6 +206,7 @@ class Batcher:
             finish_reason="stop" if stopped else _finish_reason(output),
             prompt_tokens=len(t.prompt_token_ids),
             completion_tokens=output.num_output_tokens,
+            model_version=t.model_version if finished or stopped else None,
         )
         if t.pending is None:
             t.pending = chunk

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     cache_hit: bool = False
+    model_version: str | None = None  # of the model that generated it
 
     @property
     def usage(self) -> Usage:
@@ -84,6 +85,7 @@ class Accumulator:
         self.choices = [ChoiceResult() for _ in range(num_choices)]
         self._choices_per_prompt = choices_per_prompt
         self._prompt_tokens: dict[int, int] = {}
+        self._model_version: str | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         """Fold in one delta."""
@@ -94,11 +96,15 @@ class Accumulator:
         choice.finish_reason = chunk.finish_reason or choice.finish_reason
         # The prompt is counted once however many choices sample from it.
         self._prompt_tokens[delta.index // self._choices_per_prompt] = chunk.prompt_tokens
+        self._model_version = chunk.model_version or self._model_version
 
     def generation(self) -> Generation:
         """The request so far."""
         completion_tokens = sum(len(c.token_ids) for c in self.choices)
-        return Generation(self.choices, sum(self._prompt_tokens.values()), completion_tokens)
+        prompt_tokens = sum(self._prompt_tokens.values())
+        return Generation(
+            self.choices, prompt_tokens, completion_tokens, model_version=self._model_version
+        )
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class CompletionService:
         batcher: DeploymentHandle,
         cache: ResponseCacheClient,
         model_name: str,
-        model_version: str,
+        live_version: Callable[[], Awaitable[str]],
         default_max_tokens: int,
         metrics: RequestMetrics,
     ) -> None:
@@ -125,7 +131,7 @@ class CompletionService:
         self.batcher = batcher
         self.cache = cache
         self.model_name = model_name
-        self.model_version = model_version
+        self.live_version = live_version  # the version new requests are served by
         self.default_max_tokens = default_max_tokens
 
     def check_model(self, name: str) -> None:
@@ -141,8 +147,8 @@ class CompletionService:
     async def run(self, request: Request, request_id: str) -> Generation:
         """Generate every choice to the end (or answer from the cache)."""
         self.check_model(request.model)
-        key = self._cache_key(request)
-        cached = await self._lookup(key)
+        cacheable = self._cacheable(request)
+        cached = await self._lookup(cacheable)
         if cached is not None:
             return _from_cache(cached)
         prepared = self._prepare(request, request_id)
@@ -150,8 +156,7 @@ class CompletionService:
         async for delta in self._deltas(prepared):
             accumulator.add(delta)
         generation = accumulator.generation()
-        if key is not None:
-            await self.cache.store(key, _to_cache(generation))
+        await self._store(cacheable, generation)
         return generation
 
     async def stream(
@@ -160,14 +165,14 @@ class CompletionService:
         """(cache hit, the choices' deltas). Waits for the first delta before returning, so
         that a request rejected by the batcher raises here, before any response has begun."""
         self.check_model(request.model)
-        key = self._cache_key(request)
-        cached = await self._lookup(key)
+        cacheable = self._cacheable(request)
+        cached = await self._lookup(cacheable)
         if cached is not None:
             return True, _replay(cached)
         prepared = self._prepare(request, request_id)
         deltas = self._deltas(prepared)
-        if key is not None:
-            deltas = self._stored_when_complete(key, deltas, len(prepared), request.n)
+        if cacheable is not None:
+            deltas = self._stored_when_complete(cacheable, deltas, len(prepared), request.n)
         try:
             first = await anext(deltas)
         except StopAsyncIteration:
@@ -175,16 +180,18 @@ class CompletionService:
         return False, _prepend(first, deltas)
 
     async def _stored_when_complete(
-        self, key: str, deltas: AsyncIterator[ChoiceDelta], num_choices: int, n: int
+        self,
+        cacheable: dict[str, Any],
+        deltas: AsyncIterator[ChoiceDelta],
+        num_choices: int,
+        n: int,
     ) -> AsyncIterator[ChoiceDelta]:
         """Pass a stream through and cache it once every choice has finished."""
         accumulator = Accumulator(num_choices, n)
         async for delta in deltas:
             accumulator.add(delta)
             yield delta
-        generation = accumulator.generation()
-        if all(c.finish_reason for c in generation.choices):
-            await self.cache.store(key, _to_cache(generation))
+        await self._store(cacheable, accumulator.generation())
 
     def _prepare(self, request: Request, request_id: str) -> list[PreparedRequest]:
         """One prepared request per prompt and choice; choice i samples with seed + i."""
@@ -211,13 +218,23 @@ class CompletionService:
                 )
         return prepared
 
-    async def _lookup(self, key: str | None) -> CachedResponse | None:
-        if key is None:
+    async def _lookup(self, cacheable: dict[str, Any] | None) -> CachedResponse | None:
+        """A cached answer of the version now being served, if there is one."""
+        if cacheable is None:
             return None
-        cached = await self.cache.lookup(key)
+        cached = await self.cache.lookup(cache_key(await self.live_version(), cacheable))
         counter = self.metrics.cache_misses if cached is None else self.metrics.cache_hits
         counter.inc()
         return cached
+
+    async def _store(self, cacheable: dict[str, Any] | None, generation: Generation) -> None:
+        """Cache a complete answer under the version that generated it, never another."""
+        complete = all(c.finish_reason for c in generation.choices)
+        if cacheable is None or not complete or generation.model_version is None:
+            return
+        await self.cache.store(
+            cache_key(generation.model_version, cacheable), _to_cache(generation)
+        )
 
     async def _deltas(self, prepared: list[PreparedRequest]) -> AsyncIterator[ChoiceDelta]:
         """Every choice's chunks as they come, merged and timed; an error chunk raises
@@ -231,12 +248,13 @@ class CompletionService:
             timer.observe(index, chunk)
             yield ChoiceDelta(index, chunk)
 
-    def _cache_key(self, request: Request) -> str | None:
-        """Only deterministic requests without logprobs are cached."""
+    def _cacheable(self, request: Request) -> dict[str, Any] | None:
+        """What identifies a deterministic request (prompt and every sampling parameter);
+        None for requests never cached: sampled without a seed, or asking for logprobs."""
         if not is_cacheable(request.temperature, request.seed) or request.logprobs:
             return None
         payload = request.model_dump(exclude={"stream", "stream_options", "user"})
-        return cache_key(self.model_version, {"kind": type(request).__name__, **payload})
+        return {"kind": type(request).__name__, **payload}
 
 
 class _StreamTimer:

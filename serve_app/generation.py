@@ -54,6 +54,7 @@ class TextChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: RequestError | None = None
+    model_version: str | None = None  # set on the final chunk: the version that produced it
 
     def merge(self, later: TextChunk) -> None:
         """Append a later chunk of the same request (coalescing while the consumer is behind)."""
@@ -65,6 +66,7 @@ class TextChunk:
         self.prompt_tokens = later.prompt_tokens or self.prompt_tokens
         self.completion_tokens = later.completion_tokens
         self.error = later.error
+        self.model_version = later.model_version
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,15 @@ class ModelStep:
 
     outputs: list[SequenceOutput]
     replica_id: str | None = None
+    model_version: str | None = None
     rejected: dict[str, RejectedRequest] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """What a model replica serves; the ingress adds the name and version."""
+    """What a model replica serves; the ingress adds the served name."""
 
+    version: str
     type: str
     backend: str
     parameters: int

@@ -125,7 +125,6 @@ class IngressSettings:
     """What the ingress needs to know about the served model and its callers."""
 
     model_name: str
-    model_version: str
     default_max_tokens: int
     auth: AuthConfig
 
@@ -174,11 +173,10 @@ class Ingress:
             batcher,
             ResponseCacheClient(cache),
             settings.model_name,
-            settings.model_version,
+            self._live_version,
             settings.default_max_tokens,
             request_metrics(),
         )
-        self._description: ModelDescription | None = None
 
     # OpenAI-compatible API
 
@@ -229,7 +227,7 @@ class Ingress:
         description = await self._describe()
         return ModelInfo(
             name=self.settings.model_name,
-            version=self.settings.model_version,
+            version=description.version,
             type=description.type,
             backend=description.backend,
             parameters=description.parameters,
@@ -370,6 +368,9 @@ class Ingress:
             return InferResponse(error=to_api_error(exc, request_id).body().error)
 
     async def _describe(self) -> ModelDescription:
-        if self._description is None:
-            self._description = await self.model.describe.remote()
-        return self._description
+        description: ModelDescription = await self.model.describe.remote()
+        return description
+
+    async def _live_version(self) -> str:
+        version: str = await self.model.version.remote()
+        return version

@@ -1,17 +1,27 @@
-"""The ``LLMModel`` deployment: one continuous-batching engine per replica."""
+"""The ``LLMModel`` deployment: one continuous-batching engine per replica, swappable in place.
+
+Which model a replica serves (path and version) is its ``user_config``: changing it calls
+``reconfigure``, which loads the new engine beside the old one, sends new micro-batches to the
+new one, and shuts the old one down once its last stream has ended. Nothing in flight fails.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from serve_app.engine import (
     AsyncLLMEngine,
     EngineConfig,
+    EngineOptions,
     EngineOverloadedError,
     GenerationRequest,
     InvalidRequestError,
@@ -24,72 +34,155 @@ from serve_app.routing import ReplicaAffinityRouter
 logger = logging.getLogger("ray.serve")
 
 
+class ModelSource(BaseModel):
+    """The ``user_config`` of ``LLMModel``: the model a replica serves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path = Field(description="Directory of the exported model.")
+    model_version: str = Field(min_length=1, description="Version reported and cached under.")
+
+
+@dataclass(eq=False)
+class _LoadedModel:
+    """An engine serving one model version, and how many streams still use it."""
+
+    source: ModelSource
+    engine: AsyncLLMEngine
+    parameters: int
+    loaded_at: float
+    streams: int = 0
+    retired: bool = False
+
+    def release(self) -> None:
+        """One stream ended; a retired engine shuts down after its last one."""
+        self.streams -= 1
+        if self.retired and self.streams == 0:
+            self.engine.shutdown()
+
+
 @serve.deployment(
     # Each call is a whole micro-batch stream, so a few dozen calls keep the engine full.
     max_ongoing_requests=64,
     health_check_period_s=5,
+    # On stop, Serve stops routing here and waits this long for streams in flight to finish.
+    graceful_shutdown_timeout_s=120,
     request_router_config={"request_router_class": ReplicaAffinityRouter},
 )
 class LLMModel:
-    """Owns one ``AsyncLLMEngine``; streams one ``ModelStep`` per engine step per micro-batch."""
+    """Owns the engine; streams one ``ModelStep`` per engine step per micro-batch."""
 
-    def __init__(self, engine_config: EngineConfig | dict[str, Any]) -> None:
-        self.config = EngineConfig.model_validate(engine_config)
-        self.engine = AsyncLLMEngine(self.config, on_step=EngineMetrics().record)
+    def __init__(self, engine_options: EngineOptions | dict[str, Any]) -> None:
+        self.engine_options = EngineOptions.model_validate(engine_options)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.parameters = count_parameters(self.config.model_path / self.config.onnx_file)
-        self.loaded_at = time.time()
-        logger.info("model %s loaded on replica %s", self.config.model_path, self.replica_id)
+        self.metrics = EngineMetrics()
+        self._current: _LoadedModel | None = None
+        self._retiring: list[_LoadedModel] = []
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve the model ``config`` names; a no-op if it is the one already loaded."""
+        source = ModelSource.model_validate(config)
+        if self._current is not None and self._current.source == source:
+            return
+        loaded = await asyncio.to_thread(self._load, source)
+        previous, self._current = self._current, loaded
+        logger.info("replica %s now serves %s", self.replica_id, source.model_version)
+        if previous is None:
+            return
+        if previous.streams:
+            previous.retired = True  # its last stream shuts it down
+            self._retiring.append(previous)
+        else:
+            previous.engine.shutdown()
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[ModelStep]:
         """Stream a micro-batch. Requests the engine refuses are reported in the first message
         and the rest still run; cancelling the call aborts every sequence still running."""
-        accepted: list[GenerationRequest] = []
-        rejected: dict[str, RejectedRequest] = {}
-        for request in requests:
-            try:
-                self.engine.check_request(request, ahead=len(accepted))
-                accepted.append(request)
-            except InvalidRequestError as exc:
-                rejected[request.request_id] = RejectedRequest(str(exc), exc.param)
-            except EngineOverloadedError as exc:
-                rejected[request.request_id] = RejectedRequest(str(exc), None, status=503)
-        yield ModelStep(outputs=[], replica_id=self.replica_id, rejected=rejected)
-        if accepted:
-            async for outputs in self.engine.generate_batch(accepted):
-                yield ModelStep(outputs=outputs)
+        model = self._serving()
+        model.streams += 1
+        try:
+            accepted, rejected = _admissible(model.engine, requests)
+            yield ModelStep(
+                outputs=[],
+                replica_id=self.replica_id,
+                model_version=model.source.model_version,
+                rejected=rejected,
+            )
+            if accepted:
+                async for outputs in model.engine.generate_batch(accepted):
+                    yield ModelStep(outputs=outputs)
+        finally:
+            model.release()
+            self._retiring = [m for m in self._retiring if m.streams > 0]
 
     async def abort(self, request_ids: list[str], replica_id: str) -> None:
         """Abort sequences; ``replica_id`` makes the router deliver this call to their replica."""
         del replica_id  # consumed by ReplicaAffinityRouter
-        for request_id in request_ids:
-            self.engine.abort(request_id)
+        for model in [self._serving(), *self._retiring]:
+            for request_id in request_ids:
+                model.engine.abort(request_id)
 
     def describe(self) -> ModelDescription:
-        """What this replica serves, for ``/v1/model_info``."""
-        config = self.engine.engine.model_config
-        providers = self.engine.engine.model.session.get_providers()
+        """What this replica serves, for ``/v1/models`` and ``/v1/model_info``."""
+        model = self._serving()
+        config = model.engine.engine.model_config
+        providers = model.engine.engine.model.session.get_providers()
         return ModelDescription(
+            version=model.source.model_version,
             type=config.model_type,
             backend=f"onnxruntime ({', '.join(providers)})",
-            parameters=self.parameters,
+            parameters=model.parameters,
             context_length=config.context_length,
-            loaded_at=self.loaded_at,
+            loaded_at=model.loaded_at,
         )
 
+    def version(self) -> str:
+        """The model version new requests are served by."""
+        return self._serving().source.model_version
+
     def stats(self) -> dict[str, float]:
-        """Queue and batch occupancy of this replica's engine."""
+        """Queue and batch occupancy; raises when the engine loop has died."""
+        engine = self._serving().engine
+        engine.check_health()
         return {
-            "num_running": self.engine.num_running,
-            "num_waiting": self.engine.num_waiting,
-            "kv_cache_usage": self.engine.engine.kv_cache_usage,
+            "num_running": engine.num_running,
+            "num_waiting": engine.num_waiting,
+            "kv_cache_usage": engine.engine.kv_cache_usage,
         }
 
     def check_health(self) -> None:
         """Raise when the engine loop has died, so Serve replaces this replica."""
-        self.engine.check_health()
+        self._serving().engine.check_health()
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        for model in [self._current, *getattr(self, "_retiring", [])]:
+            if model is not None:
+                model.engine.shutdown()
+
+    def _serving(self) -> _LoadedModel:
+        if self._current is None:
+            raise RuntimeError("LLMModel has no model: its user_config must name one")
+        return self._current
+
+    def _load(self, source: ModelSource) -> _LoadedModel:
+        config = EngineConfig(model_path=source.model_path, **self.engine_options.model_dump())
+        engine = AsyncLLMEngine(config, on_step=self.metrics.record)
+        parameters = count_parameters(config.model_path / config.onnx_file)
+        return _LoadedModel(source, engine, parameters, loaded_at=time.time())
+
+
+def _admissible(
+    engine: AsyncLLMEngine, requests: list[GenerationRequest]
+) -> tuple[list[GenerationRequest], dict[str, RejectedRequest]]:
+    """Split a micro-batch into what the engine takes now and what it refuses, with why."""
+    accepted: list[GenerationRequest] = []
+    rejected: dict[str, RejectedRequest] = {}
+    for request in requests:
+        try:
+            engine.check_request(request, ahead=len(accepted))
+            accepted.append(request)
+        except InvalidRequestError as exc:
+            rejected[request.request_id] = RejectedRequest(str(exc), exc.param)
+        except EngineOverloadedError as exc:
+            rejected[request.request_id] = RejectedRequest(str(exc), None, status=503)
+    return accepted, rejected

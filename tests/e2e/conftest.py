@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from serve_app.app import AppArgs, compose
 
 APP_NAME = "llm"
 STARTUP_TIMEOUT_S = 120
@@ -89,9 +89,11 @@ def app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """Start Ray and the application; yield its base URL. Modules may override the args
-    by defining a module-level ``APP_OVERRIDES`` dict."""
+    """Start Ray and the application; yield its base URL. Modules may override the args with
+    a module-level ``APP_OVERRIDES`` dict, and set the model deployment's Serve options with
+    ``MODEL_OPTIONS``."""
     overrides = getattr(request.module, "APP_OVERRIDES", {})
+    model_options = getattr(request.module, "MODEL_OPTIONS", None)
     port = free_port()
     ray.init(
         num_cpus=8,
@@ -100,7 +102,8 @@ def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(model_dir, **overrides)), name=APP_NAME, route_prefix="/")
+        settings = AppArgs.model_validate(app_args(model_dir, **overrides))
+        serve.run(compose(settings, model_options), name=APP_NAME, route_prefix="/")
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url)
         yield base_url
