@@ -6,9 +6,10 @@ token messages back into per-request text streams (incremental detokenization, s
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,16 +109,15 @@ class Batcher:
         yield _collect(tracked)
         if not runnable:
             return
-        call: Any = self.model.options(stream=True).generate_batch.remote(runnable)
         replica_id: str | None = None
         try:
-            async for steps in _coalesced(call):
+            async for steps in _coalesced(lambda: self._stream_micro_batch(runnable)):
                 for step in steps:
                     replica_id = step.replica_id or replica_id
                     self._on_step(step, by_id)
                 self._abort_cancelled(tracked, replica_id)
                 yield _collect(tracked)
-        except Exception as exc:  # the replica died or the call failed: tell every caller
+        except (Exception, ModelStreamCancelled) as exc:  # tell every caller, never hang
             logger.warning("micro-batch stream failed: %r", exc)
             error = RequestError(503, "the model replica failed; retry the request")
             for t in tracked:
@@ -126,6 +126,17 @@ class Batcher:
             yield _collect(tracked)
         finally:
             self._cancelled.difference_update(by_id)
+
+    def _stream_micro_batch(self, runnable: list[GenerationRequest]) -> Any:
+        """The ONE streaming call that carries a micro-batch to a model replica.
+
+        It runs in a context of its own: made inside the first request's context, Serve would
+        treat it as that request's child and cancel it (and every other request of the
+        micro-batch) when that one caller goes away. Callers leave through targeted aborts.
+        """
+        return contextvars.Context().run(
+            self.model.options(stream=True).generate_batch.remote, runnable
+        )
 
     def _tokenize(self, tracked: list[_Tracked]) -> list[GenerationRequest]:
         """Render and tokenize the whole micro-batch in one call; reject prompts too long."""
@@ -255,20 +266,28 @@ def _finish_reason(output: SequenceOutput) -> str | None:
     return None if output.finish_reason is None else output.finish_reason.value
 
 
-async def _coalesced(stream: AsyncIterator[ModelStep]) -> AsyncIterator[list[ModelStep]]:
+class ModelStreamCancelled(Exception):
+    """The model replica's stream was cancelled under us (e.g. the replica was stopped)."""
+
+
+async def _coalesced(start: Callable[[], Any]) -> AsyncIterator[list[ModelStep]]:
     """Yield every step message that arrived since the last yield, so a slow consumer
     catches up in one pass instead of falling further behind."""
     queue: asyncio.Queue[ModelStep | BaseException | None] = asyncio.Queue()
+    stream = start()
 
     async def pump() -> None:
         try:
             async for step in stream:
                 queue.put_nowait(step)
             queue.put_nowait(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except asyncio.CancelledError:
+            queue.put_nowait(ModelStreamCancelled("the model stream was cancelled"))
+        except Exception as exc:  # handed to the consumer, which re-raises it
             queue.put_nowait(exc)
 
-    reader = asyncio.ensure_future(pump())
+    # The reader shares the stream's own context, not the request that started the batch.
+    reader = contextvars.Context().run(asyncio.ensure_future, pump())
     try:
         while True:
             items = [await queue.get()]
@@ -284,6 +303,7 @@ async def _coalesced(stream: AsyncIterator[ModelStep]) -> AsyncIterator[list[Mod
                     return
     finally:
         reader.cancel()
+        stream.cancel()  # a no-op once it has ended
 
 
 async def _bounded(call: Any) -> None:

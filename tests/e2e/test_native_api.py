@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -200,3 +202,25 @@ def test_metrics_move_with_real_traffic(client: httpx.Client) -> None:
     assert errors == errors_before + 1
     assert "ray_serve_app_kv_cache_usage_ratio" in client.get("/metrics").text
     assert "ray_serve_app_batch_size_bucket" in client.get("/metrics").text
+
+
+def test_one_caller_leaving_does_not_end_its_micro_batch_neighbours(served_app: str) -> None:
+    body = {"model": "demo", "prompt": "The raise", "max_tokens": 60, "ignore_eos": True,
+            "temperature": 0.7, "stream": True}  # fmt: skip
+    barrier = threading.Barrier(4)
+
+    def stream(leave_early: bool) -> str:
+        with httpx.Client(base_url=served_app, timeout=60) as http:
+            barrier.wait()  # start together, so the requests share a micro-batch ...
+            if not leave_early:
+                time.sleep(0.002)  # ... whose first request (its Serve context) is the leaver
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                if leave_early:
+                    next(lines)
+                    return "left"
+                return [line for line in lines if line][-1]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        endings = list(pool.map(stream, [True, False, False, False]))
+    assert endings == ["left"] + ["data: [DONE]"] * 3

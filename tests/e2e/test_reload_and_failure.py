@@ -113,8 +113,9 @@ def test_a_dead_model_replica_is_replaced_and_serving_resumes(
 ) -> None:
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     replica = next(n for n in names if "LLMModel" in n)
-    long = {"prompt": "The", "max_tokens": 900, "ignore_eos": True, "temperature": 0.7}
-    with client.stream("POST", "/v1/stream_infer", json=long) as stream:
+    long = {"model": "demo", "prompt": "The", "max_tokens": 900, "ignore_eos": True,
+            "temperature": 0.7, "stream": True}  # fmt: skip
+    with client.stream("POST", "/v1/completions", json=long) as stream:
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
         ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
