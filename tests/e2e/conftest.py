@@ -88,6 +88,15 @@ def app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """Ray for one test module, for tests that deploy their own pieces."""
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """Start Ray and the application; yield its base URL. Modules may override the args with
     a module-level ``APP_OVERRIDES`` dict, and set the model deployment's Serve options with

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import cast
 
 import pytest
-import ray
 from ray import serve
 from ray.serve import Deployment
 
@@ -18,12 +16,7 @@ APP = "rate-test"
 LIMITER = cast(Deployment, RateLimiter)  # mypy ignores what a class decorator returns
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def two_ingress_clients(timeout_s: float = 5.0) -> tuple[RateLimitClient, RateLimitClient]:

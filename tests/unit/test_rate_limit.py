@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pytest
 
 from serve_app.auth import KeyLimits
 from serve_app.rate_limit import Decision, RateLimitClient, RateLimitStore
+from tests.unit.fakes import HangingHandle
 
 
 class FakeClock:
@@ -163,38 +163,10 @@ def test_retry_after_header_is_whole_seconds_at_least_one(
     assert Decision(False, retry_after_s, None, "limited").retry_after_header == header
 
 
-class _HangingResponse:
-    """A handle response whose replica never answers."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def __await__(self) -> Any:
-        return asyncio.get_running_loop().create_future().__await__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _HangingHandle:
-    def __init__(self) -> None:
-        self.responses: list[_HangingResponse] = []
-
-    def __getattr__(self, method: str) -> Any:
-        handle = self
-
-        class _Method:
-            def remote(self, *args: Any) -> _HangingResponse:
-                handle.responses.append(_HangingResponse())
-                return handle.responses[-1]
-
-        return _Method()
-
-
 def test_client_fails_open_on_timeout_and_cancels_the_call(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    handle = _HangingHandle()
+    handle = HangingHandle()
     client = RateLimitClient(handle, timeout_s=0.05)  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, logger="serve_app.rate_limit"):
         decision = asyncio.run(client.acquire("alice", RPM_6, 10))
@@ -206,7 +178,7 @@ def test_client_fails_open_on_timeout_and_cancels_the_call(
 
 
 def test_client_skips_the_limiter_for_unlimited_keys_and_empty_reservations() -> None:
-    handle = _HangingHandle()
+    handle = HangingHandle()
     client = RateLimitClient(handle, timeout_s=0.05)  # type: ignore[arg-type]
     assert asyncio.run(client.acquire("alice", KeyLimits(), 10)).allowed
     asyncio.run(client.settle(None, 5))

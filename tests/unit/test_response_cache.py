@@ -15,6 +15,7 @@ from serve_app.cache import (
     cache_key,
     is_cacheable,
 )
+from tests.unit.fakes import HangingHandle
 
 
 class FakeClock:
@@ -174,36 +175,8 @@ def test_is_cacheable_only_for_deterministic_requests(
     assert is_cacheable(temperature, seed) is expected
 
 
-class _HangingResponse:
-    """A handle response whose replica never answers."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def __await__(self) -> Any:
-        return asyncio.get_running_loop().create_future().__await__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _HangingHandle:
-    def __init__(self) -> None:
-        self.responses: list[_HangingResponse] = []
-
-    def __getattr__(self, method: str) -> Any:
-        handle = self
-
-        class _Method:
-            def remote(self, *args: Any) -> _HangingResponse:
-                handle.responses.append(_HangingResponse())
-                return handle.responses[-1]
-
-        return _Method()
-
-
 def test_client_times_out_to_a_miss_and_cancels_the_request() -> None:
-    handle = _HangingHandle()
+    handle = HangingHandle()
     client = ResponseCacheClient(handle, timeout_s=0.05)  # type: ignore[arg-type]
     assert asyncio.run(client.lookup("k")) is None
     asyncio.run(client.store("k", response()))
