@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ class BatcherConfig(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="Longest wait for a micro-batch to fill."
     )
+    stream_interval_s: float = Field(
+        default=0.02,
+        ge=0,
+        description="Least time between two chunks of one stream; tokens produced sooner are "
+        "coalesced into the next chunk. First tokens and endings are never held back.",
+    )
 
 
 @dataclass
@@ -57,6 +64,7 @@ class _Tracked:
     stops: StopStringMatcher | None = None
     pending: TextChunk | None = None
     model_version: str | None = None
+    sent_at: float | None = None  # when its last chunk with tokens went out
     done: bool = False  # its final chunk has been produced
     closed: bool = False  # StopIteration has been sent
 
@@ -69,15 +77,16 @@ class Batcher:
         self.model = model
         self.tokenizer = Tokenizer(Path(model_dir))
         self.context_length = ModelConfig.from_dir(Path(model_dir)).context_length
+        self.settings = BatcherConfig()
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply a new ``user_config`` without restarting the replica."""
-        settings = BatcherConfig.model_validate(config)
+        self.settings = BatcherConfig.model_validate(config)
         batch: Any = self._micro_batch  # type: ignore[misc]
-        batch.set_max_batch_size(settings.max_batch_size)
-        batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        batch.set_max_batch_size(self.settings.max_batch_size)
+        batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[TextChunk]:
         """Stream one request's text; if the caller goes away, its sequence is aborted."""
@@ -116,7 +125,7 @@ class Batcher:
                     replica_id = step.replica_id or replica_id
                     self._on_step(step, by_id)
                 self._abort_cancelled(tracked, replica_id)
-                yield _collect(tracked)
+                yield _collect(tracked, self.settings.stream_interval_s)
         except (Exception, ModelStreamCancelled) as exc:  # tell every caller, never hang
             logger.warning("micro-batch stream failed: %r", exc)
             error = RequestError(503, "the model replica failed; retry the request")
@@ -249,16 +258,34 @@ class Batcher:
         task.add_done_callback(self._background.discard)
 
 
-def _collect(tracked: list[_Tracked]) -> list[StreamItem]:
-    """One item per request for ``@serve.batch``: its pending chunk, or the end of its stream."""
+def _collect(tracked: list[_Tracked], interval_s: float = 0.0) -> list[StreamItem]:
+    """One item per request for ``@serve.batch``: its pending chunk, an empty placeholder while
+    it holds tokens back (less than ``interval_s`` since its last chunk), or its end.
+
+    Each chunk costs a message on every hop to the client, so under load a stream sends what
+    accumulated at most every ``interval_s`` instead of one message per token.
+    """
+    now = time.monotonic()
     items: list[StreamItem] = []
     for t in tracked:
         if t.closed or (t.done and t.pending is None):
             t.closed = True
             items.append(StopIteration)
-        else:
-            items.append(t.pending or TextChunk(t.request.request_id))
-            t.pending = None
+            continue
+        pending = t.pending
+        hold = (
+            pending is not None
+            and not t.done
+            and t.sent_at is not None
+            and now - t.sent_at < interval_s
+        )
+        if pending is None or hold:
+            items.append(TextChunk(t.request.request_id))
+            continue
+        if pending.token_ids:
+            t.sent_at = now
+        items.append(pending)
+        t.pending = None
     return items
 
 

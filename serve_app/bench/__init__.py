@@ -1,0 +1,1 @@
+"""Load generator for any OpenAI-compatible endpoint: ``python -m serve_app.bench``."""

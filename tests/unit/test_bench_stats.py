@@ -1,0 +1,103 @@
+"""The benchmark's arithmetic on hand-made traces: percentiles, ITL, TPOT, errors, throughput."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.bench.stats import distribution, itl_samples, request_metrics, summarize
+from serve_app.bench.trace import ChunkEvent, RequestTrace
+
+# The brief's example: the second chunk carries three coalesced tokens.
+COALESCED = [ChunkEvent(0.10, 1), ChunkEvent(0.30, 3), ChunkEvent(0.35, 1)]
+
+
+def trace(
+    chunks: list[ChunkEvent],
+    e2e: float,
+    status: str = "200",
+    completion_tokens: int | None = None,
+) -> RequestTrace:
+    return RequestTrace(
+        start=0.0,
+        input_len=8,
+        max_tokens=8,
+        status=status,
+        e2e=e2e,
+        chunks=chunks,
+        completion_tokens=completion_tokens,
+    )
+
+
+def test_percentiles_interpolate_linearly_between_ranks() -> None:
+    d = distribution([float(v) for v in range(1, 11)])
+    assert d.mean == pytest.approx(5.5)
+    assert d.p50 == pytest.approx(5.5)
+    assert d.p90 == pytest.approx(9.1)
+    assert d.p99 == pytest.approx(9.91)
+
+
+def test_no_samples_give_no_percentiles() -> None:
+    d = distribution([])
+    assert (d.mean, d.p50, d.p90, d.p99) == (None, None, None, None)
+
+
+def test_a_multi_token_chunk_spreads_its_gap_over_its_tokens() -> None:
+    samples = itl_samples(COALESCED)
+    assert samples == pytest.approx([0.2 / 3, 0.2 / 3, 0.2 / 3, 0.05])
+    assert sum(samples) == pytest.approx(0.35 - 0.10)
+
+
+def test_the_first_chunk_adds_no_itl_sample_even_with_several_tokens() -> None:
+    samples = itl_samples([ChunkEvent(0.5, 4), ChunkEvent(0.7, 2)])
+    assert samples == pytest.approx([0.1, 0.1])
+
+
+def test_ttft_and_tpot_use_the_exact_completion_count() -> None:
+    metrics = request_metrics(trace(COALESCED, e2e=0.40, completion_tokens=5))
+    assert metrics is not None
+    assert metrics.ttft == pytest.approx(0.10)
+    assert metrics.tpot == pytest.approx((0.40 - 0.10) / (5 - 1))
+    assert metrics.output_tokens == 5
+
+
+def test_the_usage_count_wins_over_the_chunk_count() -> None:
+    metrics = request_metrics(trace(COALESCED, e2e=0.40, completion_tokens=9))
+    assert metrics is not None
+    assert metrics.output_tokens == 9
+    assert metrics.tpot == pytest.approx(0.30 / 8)
+
+
+def test_a_single_token_has_no_tpot() -> None:
+    metrics = request_metrics(trace([ChunkEvent(0.1, 1)], e2e=0.12, completion_tokens=1))
+    assert metrics is not None
+    assert metrics.tpot is None
+
+
+def test_failed_requests_count_as_errors_and_stay_out_of_latencies() -> None:
+    traces = [
+        trace(COALESCED, e2e=0.40, completion_tokens=5),
+        trace([ChunkEvent(0.2, 1), ChunkEvent(0.3, 2)], e2e=0.3, completion_tokens=3),
+        trace([], e2e=0.01, status="503"),
+        # A stream that broke after some text: its slow chunks must not reach the latencies.
+        trace([ChunkEvent(9.0, 1), ChunkEvent(19.0, 1)], e2e=20.0, status="sse_error"),
+        trace([], e2e=30.0, status="timeout"),
+        trace([], e2e=0.02, status="503"),
+    ]
+    summary = summarize(traces, wall_s=2.0)
+    assert summary.completed == 2
+    assert summary.failed == 4
+    assert summary.errors == {"503": 2, "sse_error": 1, "timeout": 1}
+    assert summary.ttft.p99 is not None and summary.ttft.p99 < 0.3
+    assert summary.e2e.mean == pytest.approx((0.40 + 0.3) / 2)
+    assert summary.itl.mean == pytest.approx((0.25 + 0.1) / 6)
+
+
+def test_throughput_is_over_the_points_wall_time() -> None:
+    traces = [
+        trace(COALESCED, e2e=0.40, completion_tokens=5),
+        trace([ChunkEvent(0.2, 1), ChunkEvent(0.3, 2)], e2e=0.3, completion_tokens=3),
+        trace([], e2e=0.01, status="500"),
+    ]
+    summary = summarize(traces, wall_s=2.0)
+    assert summary.request_throughput == pytest.approx(2 / 2.0)
+    assert summary.output_throughput == pytest.approx((5 + 3) / 2.0)
