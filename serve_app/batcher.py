@@ -46,12 +46,21 @@ class BatcherConfig(BaseModel):
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="Longest wait for a micro-batch to fill."
     )
-    stream_interval_s: float = Field(
-        default=0.02,
+    stream_interval_per_request_s: float = Field(
+        default=0.002,
         ge=0,
-        description="Least time between two chunks of one stream; tokens produced sooner are "
-        "coalesced into the next chunk. First tokens and endings are never held back.",
+        description="Least time between two chunks of a stream, per stream this replica is "
+        "serving: with 32 streams, each sends at most every 64 ms, what accumulated since. "
+        "Bounds the messages per second the hops to the client carry; first tokens and "
+        "endings are never held back.",
     )
+    max_stream_interval_s: float = Field(
+        default=0.1, ge=0, description="Upper bound of that interval, however many streams."
+    )
+
+    def stream_interval_s(self, active_streams: int) -> float:
+        """How long a stream holds tokens back when ``active_streams`` are being served."""
+        return min(self.max_stream_interval_s, self.stream_interval_per_request_s * active_streams)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Batcher:
         self.settings = BatcherConfig()
         self._cancelled: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._active_streams = 0  # requests of this replica's micro-batches still generating
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply a new ``user_config`` without restarting the replica."""
@@ -119,13 +129,15 @@ class Batcher:
         if not runnable:
             return
         replica_id: str | None = None
+        self._active_streams += len(runnable)
         try:
             async for steps in _coalesced(lambda: self._stream_micro_batch(runnable)):
                 for step in steps:
                     replica_id = step.replica_id or replica_id
                     self._on_step(step, by_id)
                 self._abort_cancelled(tracked, replica_id)
-                yield _collect(tracked, self.settings.stream_interval_s)
+                interval = self.settings.stream_interval_s(self._active_streams)
+                yield _collect(tracked, interval)
         except (Exception, ModelStreamCancelled) as exc:  # tell every caller, never hang
             logger.warning("micro-batch stream failed: %r", exc)
             error = RequestError(503, "the model replica failed; retry the request")
@@ -134,6 +146,7 @@ class Batcher:
                     t.pending, t.done = TextChunk(t.request.request_id, error=error), True
             yield _collect(tracked)
         finally:
+            self._active_streams -= len(runnable)
             self._cancelled.difference_update(by_id)
 
     def _stream_micro_batch(self, runnable: list[GenerationRequest]) -> Any:
