@@ -38,7 +38,7 @@ class LLMEngine:
         self._seed_sequence = np.random.SeedSequence(config.seed)
         self._live_ids: set[str] = set()
         self._pending_aborts: set[str] = set()
-        self.last_stats = StepStats(0, 0, 0.0, 0, 0)
+        self.last_stats = StepStats(0, 0, 0.0, 0)
 
     @property
     def num_waiting(self) -> int:
@@ -134,7 +134,6 @@ class LLMEngine:
             num_waiting=self.num_waiting,
             kv_cache_usage=self.kv_cache_usage,
             decoded=decoded,
-            prefilled=len(newcomers),
             queue_times_s=[now - s.arrival_time for s in newcomers],
         )
         self._live_ids.difference_update(o.request_id for o in outputs if o.finished)

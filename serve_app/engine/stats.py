@@ -13,5 +13,4 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     decoded: int  # sequences that got a token from the decode pass
-    prefilled: int  # sequences admitted and prefilled
     queue_times_s: list[float] = field(default_factory=list)  # of the admitted sequences
