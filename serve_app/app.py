@@ -73,18 +73,18 @@ def compose(settings: AppArgs, model_options: dict[str, Any] | None = None) -> A
     ``model_options`` are Ray Serve deployment options for ``LLMModel`` (e.g.
     ``autoscaling_config``), for Python callers; config files use ``deployments:`` instead.
     """
-    source = ModelSource(model_path=settings.model_path, model_version=settings.version())
-    model = LLMModel.options(  # type: ignore[attr-defined]
-        user_config=source.model_dump(mode="json"), **(model_options or {})
-    ).bind(settings.engine.model_dump(mode="json"))
-    batcher = Batcher.options(  # type: ignore[attr-defined]
-        user_config=settings.batcher.model_dump()
-    ).bind(model, str(settings.model_path))
     cache = None
     if settings.cache.enabled:
         cache = ResponseCache.options(  # type: ignore[attr-defined]
             user_config=settings.cache.model_dump()
         ).bind(settings.cache)
+    source = ModelSource(model_path=settings.model_path, model_version=settings.version())
+    model = LLMModel.options(  # type: ignore[attr-defined]
+        user_config=source.model_dump(mode="json"), **(model_options or {})
+    ).bind(settings.engine.model_dump(mode="json"), cache)
+    batcher = Batcher.options(  # type: ignore[attr-defined]
+        user_config=settings.batcher.model_dump()
+    ).bind(model, str(settings.model_path))
     rate_limiter = RateLimiter.bind() if _has_limits(settings.auth) else None  # type: ignore[attr-defined]
     ingress_settings = IngressSettings(
         model_name=settings.model_name,

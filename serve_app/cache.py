@@ -204,6 +204,22 @@ class ResponseCache:
         self._store = LRUResponseStore(
             self._config.max_entries, self._config.max_bytes, self._config.ttl_s
         )
+        self._live_version: str | None = None
+
+    async def set_live_version(self, version: str) -> None:
+        """Model replicas say which version new requests are served by (on load, on swap,
+        and again at every health check, so a restarted cache learns it too)."""
+        self._live_version = version
+
+    async def get_live(self, payload: dict[str, Any]) -> CachedResponse | None:
+        """The cached answer to ``payload`` produced by the live model version, or None.
+
+        The version is applied here, in one call, so a lookup can never pair a request with
+        a version that is no longer served.
+        """
+        if self._live_version is None:
+            return None
+        return await self.get(cache_key(self._live_version, payload))
 
     async def get(self, key: str) -> CachedResponse | None:
         """The cached response for ``key``, or None."""
@@ -243,12 +259,13 @@ class ResponseCacheClient:
         """Failed cache calls so far."""
         return self._cache.errors if self._cache else 0
 
-    async def lookup(self, key: str) -> CachedResponse | None:
-        """The cached response for ``key``; None on a miss, an error, or with no cache."""
+    async def lookup(self, payload: dict[str, Any]) -> CachedResponse | None:
+        """The cached answer to ``payload`` (prompt and sampling parameters) from the live
+        model version; None on a miss, an error, or with no cache."""
         if self._cache is None:
             return None
         try:
-            value: CachedResponse | None = await self._cache.call("get", key)
+            value: CachedResponse | None = await self._cache.call("get_live", payload)
         except Exception as exc:
             self._cache.record_error("response cache lookup", exc)
             return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,6 @@ class CompletionService:
         batcher: DeploymentHandle,
         cache: ResponseCacheClient,
         model_name: str,
-        live_version: Callable[[], Awaitable[str]],
         default_max_tokens: int,
         metrics: RequestMetrics,
     ) -> None:
@@ -131,7 +130,6 @@ class CompletionService:
         self.batcher = batcher
         self.cache = cache
         self.model_name = model_name
-        self.live_version = live_version  # the version new requests are served by
         self.default_max_tokens = default_max_tokens
 
     def check_model(self, name: str) -> None:
@@ -222,7 +220,7 @@ class CompletionService:
         """A cached answer of the version now being served, if there is one."""
         if cacheable is None:
             return None
-        cached = await self.cache.lookup(cache_key(await self.live_version(), cacheable))
+        cached = await self.cache.lookup(cacheable)
         counter = self.metrics.cache_misses if cached is None else self.metrics.cache_hits
         counter.inc()
         return cached

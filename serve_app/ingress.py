@@ -173,7 +173,6 @@ class Ingress:
             batcher,
             ResponseCacheClient(cache),
             settings.model_name,
-            self._live_version,
             settings.default_max_tokens,
             request_metrics(),
         )
@@ -370,7 +369,3 @@ class Ingress:
     async def _describe(self) -> ModelDescription:
         description: ModelDescription = await self.model.describe.remote()
         return description
-
-    async def _live_version(self) -> str:
-        version: str = await self.model.version.remote()
-        return version

@@ -17,7 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
+from serve_app.best_effort import BestEffortHandle
 from serve_app.engine import (
     AsyncLLMEngine,
     EngineConfig,
@@ -32,6 +34,8 @@ from serve_app.metrics import EngineMetrics
 from serve_app.routing import ReplicaAffinityRouter
 
 logger = logging.getLogger("ray.serve")
+
+CACHE_TIMEOUT_S = 1.0
 
 
 class ModelSource(BaseModel):
@@ -72,8 +76,16 @@ class _LoadedModel:
 class LLMModel:
     """Owns the engine; streams one ``ModelStep`` per engine step per micro-batch."""
 
-    def __init__(self, engine_options: EngineOptions | dict[str, Any]) -> None:
+    def __init__(
+        self, engine_options: EngineOptions | dict[str, Any], cache: DeploymentHandle | None
+    ) -> None:
         self.engine_options = EngineOptions.model_validate(engine_options)
+        # Tells the response cache which version is live, so it never answers for another.
+        self._cache = (
+            BestEffortHandle(cache, CACHE_TIMEOUT_S, "cached answers stay off until it answers")
+            if cache
+            else None
+        )
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = EngineMetrics()
         self._current: _LoadedModel | None = None
@@ -85,6 +97,7 @@ class LLMModel:
         if self._current is not None and self._current.source == source:
             return
         loaded = await asyncio.to_thread(self._load, source)
+        await self._announce(source.model_version)
         previous, self._current = self._current, loaded
         logger.info("replica %s now serves %s", self.replica_id, source.model_version)
         if previous is None:
@@ -136,10 +149,6 @@ class LLMModel:
             loaded_at=model.loaded_at,
         )
 
-    def version(self) -> str:
-        """The model version new requests are served by."""
-        return self._serving().source.model_version
-
     def stats(self) -> dict[str, float]:
         """Queue and batch occupancy; raises when the engine loop has died."""
         engine = self._serving().engine
@@ -150,9 +159,19 @@ class LLMModel:
             "kv_cache_usage": engine.engine.kv_cache_usage,
         }
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Raise when the engine loop has died, so Serve replaces this replica."""
-        self._serving().engine.check_health()
+        model = self._serving()
+        model.engine.check_health()
+        await self._announce(model.source.model_version)
+
+    async def _announce(self, version: str) -> None:
+        if self._cache is None:
+            return
+        try:
+            await self._cache.call("set_live_version", version)
+        except Exception as exc:
+            self._cache.record_error("announcing the live version to the response cache", exc)
 
     def __del__(self) -> None:
         for model in [self._current, *getattr(self, "_retiring", [])]:

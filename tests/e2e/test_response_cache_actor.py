@@ -17,6 +17,7 @@ from serve_app.cache import (
     ResponseCache,
     ResponseCacheClient,
     ResponseCacheConfig,
+    cache_key,
 )
 
 APP = "cache-test"
@@ -47,16 +48,23 @@ def test_put_then_get_through_the_handle() -> None:
     assert (stats.entries, stats.hits, stats.misses) == (1, 1, 1)
 
 
-def test_client_counts_hits_and_misses() -> None:
-    client = ResponseCacheClient(deploy(ResponseCacheConfig()))
+def test_client_finds_answers_of_the_live_version_only() -> None:
+    handle = deploy(ResponseCacheConfig())
+    client = ResponseCacheClient(handle)
+    request = {"prompt": "k", "temperature": 0}
 
-    async def exercise() -> CachedResponse | None:
-        await client.store("k", response("stored by the client"))
-        assert await client.lookup("absent") is None
-        return await client.lookup("k")
+    async def exercise() -> list[CachedResponse | None]:
+        await client.store(cache_key("v1", request), response("from v1"))
+        before_any_version = await client.lookup(request)
+        await handle.set_live_version.remote("v1")
+        live = await client.lookup(request)
+        absent = await client.lookup({"prompt": "absent", "temperature": 0})
+        await handle.set_live_version.remote("v2")
+        after_swap = await client.lookup(request)
+        return [before_any_version, live, absent, after_swap]
 
-    assert asyncio.run(exercise()) == response("stored by the client")
-    assert (client.hits, client.misses, client.errors) == (1, 1, 0)
+    assert asyncio.run(exercise()) == [None, response("from v1"), None, None]
+    assert (client.hits, client.misses, client.errors) == (1, 3, 0)
 
 
 def test_user_config_bounds_apply_when_the_replica_starts() -> None:
@@ -88,7 +96,7 @@ def test_client_degrades_to_a_miss_when_the_cache_is_gone() -> None:
 
     async def exercise() -> CachedResponse | None:
         await client.store("k", response("never stored"))
-        return await client.lookup("k")
+        return await client.lookup({"prompt": "k"})
 
     assert asyncio.run(exercise()) is None
     assert client.errors == 2
