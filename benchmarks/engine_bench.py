@@ -46,8 +46,12 @@ def engine_round_fn(
     threads: int,
     max_num_seqs: int = 256,
     allow_spinning: bool = True,
+    **options: object,
 ) -> RoundFn:
-    """Rounds on this engine; request i of a round gets ``prompts[i % len(prompts)]``."""
+    """Rounds on this engine; request i of a round gets ``prompts[i % len(prompts)]``.
+
+    ``options`` are further ``EngineOptions`` (backend, device, execution_providers).
+    """
     longest = max(len(p) for p in prompts)
     config = EngineConfig(
         model_path=model_dir,
@@ -56,6 +60,7 @@ def engine_round_fn(
         max_prefill_tokens=64 * longest,
         intra_op_num_threads=threads,
         allow_spinning=allow_spinning,
+        **options,
     )
     engine = LLMEngine(config)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -75,11 +80,18 @@ def engine_round_fn(
     return round_fn
 
 
-def naive_round_fn(model_dir: Path, ids: np.ndarray, max_tokens: int, threads: int) -> RoundFn:
-    """The loop a user writes first: one sequence at a time, ``session.run`` with numpy."""
-    decoder = OnnxDecoder(EngineConfig(model_path=model_dir, intra_op_num_threads=threads))
+def naive_round_fn(
+    model_dir: Path, ids: np.ndarray, max_tokens: int, threads: int, **options: object
+) -> RoundFn:
+    """The loop a user writes first: one sequence at a time, ``session.run`` with numpy.
+
+    ``options`` are further ``EngineOptions``; ``device="cuda"`` makes it the bare CUDA loop.
+    """
+    config = EngineConfig(model_path=model_dir, intra_op_num_threads=threads, **options)
+    decoder = OnnxDecoder(config)
     session = decoder.session
-    empty = np.zeros((1, decoder.num_kv_heads, 0, decoder.head_dim), dtype=decoder.kv_dtype)
+    io = decoder.io
+    empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
     prompt = ids.astype(np.int64)[None, :]
 
     def generate_one(timing: RequestTiming, started: float) -> None:
@@ -87,7 +99,7 @@ def naive_round_fn(model_dir: Path, ids: np.ndarray, max_tokens: int, threads: i
             "input_ids": prompt,
             "attention_mask": np.ones_like(prompt),
             "position_ids": np.arange(prompt.shape[1], dtype=np.int64)[None, :],
-            **{name: empty for name in decoder.past_names},
+            **{name: empty for name in io.past_names},
         }
         length = prompt.shape[1]
         for _ in range(max_tokens):
@@ -99,9 +111,9 @@ def naive_round_fn(model_dir: Path, ids: np.ndarray, max_tokens: int, threads: i
                 "input_ids": np.array([[token]], dtype=np.int64),
                 "attention_mask": np.ones((1, length), dtype=np.int64),
                 "position_ids": np.array([[length - 1]], dtype=np.int64),
-                **dict(zip(decoder.past_names, present, strict=True)),
+                **dict(zip(io.past_names, present, strict=True)),
             }
-            if not decoder.has_position_ids:
+            if not io.has_position_ids:
                 del feeds["position_ids"]
 
     def round_fn(concurrency: int) -> tuple[list[RequestTiming], float]:
@@ -162,11 +174,11 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, object]:
             "results": [asdict(r) for r in results]}  # fmt: skip
 
 
-def print_table(name: str, results: list[RoundResult]) -> None:
-    """One row per system and concurrency, with the ratio to the naive loop."""
-    naive = {r.concurrency: r.output_tokens_per_s for r in results if r.mode == "naive"}
+def print_table(name: str, results: list[RoundResult], baseline: str = "naive") -> None:
+    """One row per system and concurrency, with the ratio to the ``baseline`` system."""
+    naive = {r.concurrency: r.output_tokens_per_s for r in results if r.mode == baseline}
     print(f"\n{name}: output tokens/s, decode tokens/s, TTFT p50")
-    print("| system | C | output tok/s | decode tok/s | TTFT p50 ms | vs naive |")
+    print(f"| system | C | output tok/s | decode tok/s | TTFT p50 ms | vs {baseline} |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in sorted(results, key=lambda r: (r.mode, r.concurrency)):
         ratio = r.output_tokens_per_s / naive[r.concurrency] if r.concurrency in naive else 0.0
@@ -226,19 +238,30 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "onnxruntime": ort.__version__,
+            "providers": ort.get_available_providers()}  # fmt: skip
+
+
+def write_report(report: dict[str, object], out: Path) -> None:
+    """The JSON report and its plot beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+    plot(report, out.with_suffix(".png"))
+
+
 def main() -> None:
     """Run the benchmark and write its JSON and plot."""
     args = parse_args()
     report: dict[str, object] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0], "onnxruntime": ort.__version__},
+        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "models": [bench_model(args, name) for name in args.models],
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
-    plot(report, args.out.with_suffix(".png"))
+    }
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ class StaticBatchLLM:
             input_ids[row, longest_prompt - len(ids) :] = ids
             mask[row, longest_prompt - len(ids) :] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
-        result = self.model.forward(input_ids, mask, positions, self.model.empty_past(rows))
-        cache = BatchKVCache(result.present, mask)
+        result = self.model.forward(input_ids, mask, positions, self.model.ops.empty(rows))
+        cache = BatchKVCache(result.present, mask, self.model.ops)
         lengths = mask.sum(axis=1)
         done = [False] * rows
         for step in range(max(max_tokens for _, max_tokens, _ in batch)):

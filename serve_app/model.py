@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -139,11 +140,10 @@ class LLMModel:
         """What this replica serves, for ``/v1/models`` and ``/v1/model_info``."""
         model = self._serving()
         config = model.engine.engine.model_config
-        providers = model.engine.engine.model.session.get_providers()
         return ModelDescription(
             version=model.source.model_version,
             type=config.model_type,
-            backend=f"onnxruntime ({', '.join(providers)})",
+            backend=model.engine.engine.model.describe(),
             parameters=model.parameters,
             context_length=config.context_length,
             loaded_at=model.loaded_at,
@@ -184,7 +184,10 @@ class LLMModel:
         return self._current
 
     def _load(self, source: ModelSource) -> _LoadedModel:
-        config = EngineConfig(model_path=source.model_path, **self.engine_options.model_dump())
+        options = self.engine_options.model_dump()
+        if options["device"] == "auto" and not ray.get_gpu_ids():
+            options["device"] = "cpu"  # Ray hides no GPUs from a replica that asked for none
+        config = EngineConfig(model_path=source.model_path, **options)
         engine = AsyncLLMEngine(config, on_step=self.metrics.record)
         parameters = count_parameters(config.model_path / config.onnx_file)
         return _LoadedModel(source, engine, parameters, loaded_at=time.time())

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+Backend = Literal["onnxruntime", "tensorrt"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
 class ExecutionProvider(BaseModel):
@@ -29,9 +31,26 @@ class EngineOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    execution_providers: list[ExecutionProvider] = Field(
-        default_factory=lambda: [ExecutionProvider(name="CPUExecutionProvider")],
-        description="onnxruntime execution providers in priority order.",
+    backend: Backend = Field(
+        default="onnxruntime",
+        description="What runs the model: onnxruntime (CPU, CUDA or TensorRT execution "
+        "providers) or a native TensorRT engine built from the same ONNX file.",
+    )
+    device: DeviceChoice = Field(
+        default="auto",
+        description="Where the model and its KV cache live; auto picks the GPU when this "
+        "replica has one and the backend can use it.",
+    )
+    device_id: int = Field(default=0, ge=0, description="CUDA device index when on a GPU.")
+    execution_providers: list[ExecutionProvider] | None = Field(
+        default=None,
+        description="onnxruntime execution providers in priority order; unset: CUDA then CPU "
+        "on a GPU, CPU otherwise. List TensorrtExecutionProvider first to use TensorRT inside "
+        "onnxruntime; its shape profiles and engine cache are filled in unless given.",
+    )
+    tensorrt_cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "serve_app" / "tensorrt",
+        description="Where TensorRT engines (execution provider and native) are cached.",
     )
     max_num_seqs: int = Field(default=64, ge=1, description="Most sequences decoded in one step.")
     kv_cache_tokens: int = Field(
@@ -49,7 +68,8 @@ class EngineOptions(BaseModel):
         default=4096,
         ge=1,
         description="Most prompt tokens (batch x padded prompt length) prefilled in one step, "
-        "so newcomers delay running sequences by at most one bounded step.",
+        "so newcomers delay running sequences by at most one bounded step; longer prompts are "
+        "refused. TensorRT's prefill shape profile is sized from it.",
     )
     intra_op_num_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1,

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
+from serve_app.engine.backends import load_decoder
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
-from serve_app.engine.onnx_model import OnnxDecoder
 from serve_app.engine.sampler import Sampler
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler
@@ -27,7 +27,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model = OnnxDecoder(config)
+        self.model = load_decoder(config)
         self.model_config = self.model.config
         self.scheduler = Scheduler(
             config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens
@@ -81,6 +81,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
                 f"{context}, which must also hold at least one generated token",
+                "prompt",
+            )
+        if len(prompt_token_ids) > self.config.max_prefill_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this deployment prefills at "
+                f"most {self.config.max_prefill_tokens} (engine.max_prefill_tokens)",
                 "prompt",
             )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
@@ -179,10 +185,10 @@ class LLMEngine:
             mask[row, pad_to - seq.num_prompt_tokens :] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         result = self.model.forward(
-            input_ids, mask, positions, self.model.empty_past(len(newcomers))
+            input_ids, mask, positions, self.model.ops.empty(len(newcomers))
         )
         outputs = self._append_tokens(newcomers, result.logits)
-        joined = BatchKVCache(result.present, mask)
+        joined = BatchKVCache(result.present, mask, self.model.ops)
         self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
         self.running.extend(newcomers)
         self._release_finished()

@@ -1,40 +1,41 @@
-"""A decoder-with-past ONNX model run by onnxruntime.
+"""The onnxruntime backend: a decoder-with-past ONNX model on the CPU, CUDA or TensorRT EP.
 
 The layout is the one ``optimum-cli export onnx --task text-generation-with-past`` writes:
 ``input_ids``, ``attention_mask``, optional ``position_ids`` and ``past_key_values.N.key/value``
-in; ``logits`` and ``present.N.key/value`` out. Names and KV shapes are read from the graph.
+in; ``logits`` and ``present.N.key/value`` out. On a GPU every run goes through IOBinding, so
+``present`` is written on the device and fed back as the next ``past`` without a host round
+trip; only the last position's logits are copied out.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.decoder import (
+    ForwardResult,
+    ModelIO,
+    TensorOps,
+    read_onnx_signature,
+)
+from serve_app.engine.device import Device, resolve_device
+from serve_app.engine.device_ops import DeviceTensorOps
 from serve_app.engine.errors import EngineError
+from serve_app.engine.kv_cache import HostTensorOps
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
+from serve_app.engine.tensorrt_profiles import decoder_profiles, tensorrt_provider_shapes
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NUMPY_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    """Next-token logits for each row and the KV cache that now includes the input tokens."""
-
-    logits: np.ndarray  # [batch, vocab] float32, at each row's last input position
-    present: list[ort.OrtValue]  # in past-input order
+Provider = tuple[str, dict[str, str]]
 
 
 class OnnxDecoder:
@@ -45,38 +46,28 @@ class OnnxDecoder:
         onnx_path = config.model_path / config.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"{config.onnx_file} not found in {config.model_path}")
+        self.device = resolve_device(config)
         self.session = ort.InferenceSession(
             str(onnx_path),
             sess_options=_session_options(config),
-            providers=_providers(config),
+            providers=session_providers(config, self.device, onnx_path, self.config),
         )
-        inputs = {i.name: i for i in self.session.get_inputs()}
+        inputs = {
+            i.name: (_NUMPY_TYPES.get(i.type, i.type), list(i.shape))
+            for i in self.session.get_inputs()
+        }
         outputs = [o.name for o in self.session.get_outputs()]
-        for required in ("input_ids", "attention_mask"):
-            if required not in inputs:
-                raise ModelLoadError(f"{onnx_path.name} has no '{required}' input")
-        if "logits" not in outputs:
-            raise ModelLoadError(f"{onnx_path.name} has no 'logits' output")
-        self.has_position_ids = "position_ids" in inputs
-        self.past_names = _kv_names(list(inputs), _PAST, "past_key_values.N.key/value inputs")
-        self.present_names = _kv_names(outputs, _PRESENT, "present.N.key/value outputs")
-        if len(self.past_names) != len(self.present_names):
-            raise ModelLoadError("past_key_values inputs and present outputs do not pair up")
-        first_past = inputs[self.past_names[0]]
-        self.kv_dtype = np.dtype(_ORT_TYPES.get(first_past.type, np.float32))
-        self.num_kv_heads, self.head_dim = _kv_dims(first_past.shape, self.config)
-        self.num_layers = len(self.past_names) // 2
-        self._output_names = ["logits", *self.present_names]
+        self.io = ModelIO.from_signature(inputs, outputs, self.config)
+        self.ops: TensorOps
+        if self.device.is_gpu:
+            self.ops, self.run = DeviceTensorOps(self.io, self.device), self.run_on_device
+        else:
+            self.ops, self.run = HostTensorOps(self.io), self.run_on_host
+        self._output_names = ["logits", *self.io.present_names]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype.itemsize
-
-    def empty_past(self, batch_size: int) -> list[ort.OrtValue]:
-        """A zero-length KV cache for a prefill of ``batch_size`` rows."""
-        empty = np.zeros((batch_size, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+    def describe(self) -> str:
+        """The backend and its execution providers, e.g. for ``/v1/model_info``."""
+        return f"onnxruntime ({', '.join(self.session.get_providers())})"
 
     def forward(
         self,
@@ -86,21 +77,91 @@ class OnnxDecoder:
         past: list[ort.OrtValue],
     ) -> ForwardResult:
         """Run the model over ``input_ids`` given the cache ``past``."""
-        feeds = {
-            "input_ids": ort.OrtValue.ortvalue_from_numpy(input_ids),
-            "attention_mask": ort.OrtValue.ortvalue_from_numpy(attention_mask),
-        }
-        if self.has_position_ids:
-            feeds["position_ids"] = ort.OrtValue.ortvalue_from_numpy(position_ids)
-        feeds.update(zip(self.past_names, past, strict=True))
+        host_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.io.has_position_ids:
+            host_inputs["position_ids"] = position_ids
         try:
-            outputs = self.session.run_with_ort_values(self._output_names, feeds)
+            logits, *present = self.run(host_inputs, past)
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail types
             raise EngineError(f"onnxruntime run failed: {exc}") from exc
-        logits = outputs[0].numpy()[:, -1, :]
-        return ForwardResult(
-            logits=logits.astype(np.float32, copy=False), present=list(outputs[1:])
-        )
+        return ForwardResult(logits=self.ops.last_logits(logits), present=present)
+
+    def run_on_host(
+        self, host_inputs: dict[str, np.ndarray], past: list[ort.OrtValue]
+    ) -> list[ort.OrtValue]:
+        """Outputs in host memory; on CPU this is ~25 us a step cheaper than IOBinding."""
+        feeds = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in host_inputs.items()}
+        feeds.update(zip(self.io.past_names, past, strict=True))
+        outputs: list[ort.OrtValue] = self.session.run_with_ort_values(self._output_names, feeds)
+        return outputs
+
+    def run_on_device(
+        self, host_inputs: dict[str, np.ndarray], past: list[ort.OrtValue]
+    ) -> list[ort.OrtValue]:
+        """Outputs left on the model's device (otherwise onnxruntime copies them to the host)."""
+        binding = self.session.io_binding()
+        for name, array in host_inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.io.past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, self.device.kind, self.device.index)
+        self.session.run_with_iobinding(binding)
+        outputs: list[ort.OrtValue] = binding.get_outputs()
+        return outputs
+
+
+def session_providers(
+    config: EngineConfig, device: Device, onnx_path: Path, model: ModelConfig
+) -> list[Provider]:
+    """The execution providers to ask for: the configured ones, or the device's defaults.
+
+    TensorRT gets its shape profiles and an on-disk engine cache unless the config sets them.
+    """
+    chosen: list[Provider]
+    if config.execution_providers is None:
+        names = ["CUDAExecutionProvider"] if device.is_gpu else []
+        chosen = [(name, {}) for name in [*names, "CPUExecutionProvider"]]
+    else:
+        chosen = [
+            (p.name, {k: str(v) for k, v in p.options.items()}) for p in config.execution_providers
+        ]
+    available = ort.get_available_providers()
+    for name, _ in chosen:
+        if name not in available:
+            raise ModelLoadError(
+                f"execution provider {name} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)}); GPU providers need the gpu extra "
+                "(onnxruntime-gpu)"
+            )
+    providers = []
+    for name, options in chosen:
+        if name == "CUDAExecutionProvider":
+            options = {"device_id": str(device.index), **options}
+        elif name == "TensorrtExecutionProvider":
+            options = {**_tensorrt_defaults(config, device, onnx_path, model), **options}
+        providers.append((name, options))
+    return providers
+
+
+def _tensorrt_defaults(
+    config: EngineConfig, device: Device, onnx_path: Path, model: ModelConfig
+) -> dict[str, str]:
+    """Profiles from the deployment's limits, and engine and timing caches on disk."""
+    inputs, outputs = read_onnx_signature(onnx_path)
+    io = ModelIO.from_signature(inputs, outputs, model)
+    profiles = decoder_profiles(
+        io, config.max_num_seqs, config.max_prefill_tokens, model.context_length
+    )
+    cache = config.tensorrt_cache_dir / "onnxruntime-ep"
+    return {
+        "device_id": str(device.index),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+        **tensorrt_provider_shapes(profiles),
+    }
 
 
 def count_parameters(onnx_path: Path) -> int:
@@ -121,39 +182,3 @@ def _session_options(config: EngineConfig) -> ort.SessionOptions:
         "session.intra_op.allow_spinning", "1" if config.allow_spinning else "0"
     )
     return options
-
-
-def _providers(config: EngineConfig) -> list[tuple[str, dict[str, str]]]:
-    available = ort.get_available_providers()
-    chosen = []
-    for provider in config.execution_providers:
-        if provider.name not in available:
-            raise ModelLoadError(
-                f"execution provider {provider.name} is not available in this onnxruntime build "
-                f"(available: {', '.join(available)})"
-            )
-        chosen.append((provider.name, {k: str(v) for k, v in provider.options.items()}))
-    return chosen
-
-
-def _kv_names(names: list[str], pattern: re.Pattern[str], what: str) -> list[str]:
-    """Names ordered layer by layer, key before value."""
-    found = {}
-    for name in names:
-        match = pattern.match(name)
-        if match:
-            found[(int(match[1]), match[2] == "value")] = name
-    if not found:
-        raise ModelLoadError(f"the model has no {what}; export it with its KV cache (with-past)")
-    layers = max(layer for layer, _ in found) + 1
-    try:
-        return [found[(layer, is_value)] for layer in range(layers) for is_value in (False, True)]
-    except KeyError as missing:
-        raise ModelLoadError(f"the model's {what} skip {missing}") from None
-
-
-def _kv_dims(shape: list[int | str | None], config: ModelConfig) -> tuple[int, int]:
-    """(kv heads, head dim) from the graph when static, else from config.json."""
-    heads = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else config.num_kv_heads
-    head_dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else config.head_dim
-    return int(heads), int(head_dim)

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+from serve_app.tools.onnx_export import (
+    KVCache,
+    export_decoder_with_past,
+    verify_decoder_with_past,
+)
 
 # Finite rather than -inf: a row with every key masked (a left pad attending only to pads) then
 # softmaxes to a uniform row instead of NaN, so pad positions keep finite K/V.
 MASK_VALUE = torch.finfo(torch.float32).min
-ONNX_OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding tables, computed from position ids (Llama's half-split form)."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -379,25 +383,6 @@ def compare_with_transformers(model: LlamaDecoder, hf_dir: Path, seed: int = 0) 
     return float((ours - theirs).abs().max())
 
 
-class _OnnxDecoderWithPast(nn.Module):
-    """Flat-argument wrapper giving the exporter optimum's input and output order."""
-
-    def __init__(self, model: LlamaDecoder) -> None:
-        super().__init__()
-        self.decoder = model
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        *past_flat: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        past = [(past_flat[i], past_flat[i + 1]) for i in range(0, len(past_flat), 2)]
-        logits, presents = self.decoder(input_ids, attention_mask, position_ids, past)
-        return (logits, *[t for kv in presents for t in kv])
-
-
 def export_onnx(
     model: LlamaDecoder,
     config: DecoderConfig,
@@ -406,122 +391,12 @@ def export_onnx(
 ) -> dict[str, float]:
     """Export `out_dir/model.onnx` (decoder with past) plus `config.json` and generation config.
 
-    Returns the `verify_onnx` self-check diffs; raises if the graph disagrees with torch.
+    Returns the `verify_decoder_with_past` self-check diffs; raises if the graph disagrees with
+    torch.
     """
-    import onnx
-
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
-    model.eval()
-    layers = config.num_hidden_layers
-    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    batch, seq, past_len = 2, 3, 4
-    kv_shape = (batch, config.num_key_value_heads, past_len, config.head_dim)
-    args = (
-        torch.randint(0, config.vocab_size, (batch, seq)),
-        torch.ones(batch, past_len + seq, dtype=torch.int64),
-        torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
-        *[torch.zeros(kv_shape) for _ in past_names],
-    )
-    total = "past_sequence_length + sequence_length"
-    dynamic_axes: dict[str, dict[int, str]] = {
-        "input_ids": {0: "batch_size", 1: "sequence_length"},
-        "attention_mask": {0: "batch_size", 1: total},
-        "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits": {0: "batch_size", 1: "sequence_length"},
-        **{name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names},
-        **{name: {0: "batch_size", 2: total} for name in present_names},
-    }
-    with torch.no_grad():
-        torch.onnx.export(
-            _OnnxDecoderWithPast(model),
-            args,
-            str(path),
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present_names],
-            dynamic_axes=dynamic_axes,
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    graph = onnx.load(str(path))
-    onnx.checker.check_model(graph)
-    custom = {node.op_type for node in graph.graph.node if node.domain not in ("", "ai.onnx")}
-    if custom:
-        raise RuntimeError(f"ONNX export produced non-standard ops: {sorted(custom)}")
+    export_decoder_with_past(model, path)
     write_config(config, out_dir)
     write_generation_config(config, out_dir, eos_token_ids)
-    return verify_onnx(model, path)
-
-
-def verify_onnx(model: LlamaDecoder, onnx_path: Path, atol: float = 1e-4) -> dict[str, float]:
-    """Check the exported graph against torch; returns the max abs logit diff per check.
-
-    (a) prefill logits equal torch's; (b) prefill then one cached decode step equals a full
-    forward; (c) a left-padded batch equals each prompt run alone. Raises RuntimeError on a
-    mismatch or on any non-finite output (pad positions included).
-    """
-    import onnxruntime as ort
-
-    config = model.config
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    model.eval()
-    generator = torch.Generator().manual_seed(1234)
-    tokens = torch.randint(0, config.vocab_size, (2, 9), generator=generator)
-
-    def run(
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        past: list[np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        batch = input_ids.shape[0]
-        if past is None:
-            empty = np.zeros((batch, config.num_key_value_heads, 0, config.head_dim), np.float32)
-            past = [empty] * (2 * config.num_hidden_layers)
-        feeds = {
-            "input_ids": input_ids.numpy(),
-            "attention_mask": attention_mask.numpy(),
-            "position_ids": position_ids.numpy(),
-        }
-        for i in range(config.num_hidden_layers):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        logits, *presents = session.run(None, feeds)
-        if not all(np.isfinite(out).all() for out in (logits, *presents)):
-            raise RuntimeError("ONNX self-check failed: non-finite logits or present K/V")
-        return logits, presents
-
-    def positions(mask: torch.Tensor) -> torch.Tensor:
-        # Pads get position 1 like transformers does; their logits are never read.
-        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-    with torch.no_grad():
-        reference, _ = model(tokens)
-    ones = torch.ones_like(tokens)
-    onnx_logits, _ = run(tokens, ones, positions(ones))
-    diffs = {"prefill_vs_torch": float(np.abs(onnx_logits - reference.numpy()).max())}
-
-    prefix = tokens[:, :8]
-    _, present = run(prefix, torch.ones_like(prefix), positions(torch.ones_like(prefix)))
-    step_logits, _ = run(tokens[:, 8:], ones, torch.full((2, 1), 8), present)
-    diffs["decode_vs_full"] = float(np.abs(step_logits[:, -1] - reference[:, -1].numpy()).max())
-
-    long, short = tokens[0, :7], tokens[1, :4]
-    batch_ids = torch.stack([long, torch.cat([torch.full((3,), config.pad_token_id), short])])
-    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
-    batch_logits, _ = run(batch_ids, mask, positions(mask))
-    alone_long, _ = run(long[None], torch.ones(1, 7, dtype=torch.int64), positions(mask[:1]))
-    alone_short, _ = run(short[None], torch.ones(1, 4, dtype=torch.int64), positions(mask[:1, :4]))
-    diffs["left_padded_batch"] = max(
-        float(np.abs(batch_logits[0] - alone_long[0]).max()),
-        float(np.abs(batch_logits[1, 3:] - alone_short[0]).max()),
-    )
-    for name, diff in diffs.items():
-        if not diff <= atol:
-            raise RuntimeError(
-                f"ONNX self-check failed: {name} max abs logit diff {diff:.3g} > {atol:g} "
-                f"({onnx_path})"
-            )
-    return diffs
+    return verify_decoder_with_past(model, path)

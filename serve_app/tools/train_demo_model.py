@@ -154,8 +154,12 @@ def train(
     """AdamW with warmup and cosine decay, stopping early if the time budget runs out."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm scales
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay},
+    ]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay}],
+        groups,
         lr=settings.peak_lr,
         betas=(0.9, 0.95),
         weight_decay=0.0,

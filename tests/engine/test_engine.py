@@ -96,11 +96,11 @@ def test_kv_cache_path_equals_full_recompute(model_dir: Path, tokenizer: Tokeniz
     prompt_len = 5
     ids = np.array([tokens[:prompt_len]], dtype=np.int64)
     mask = np.ones_like(ids)
-    cached = model.forward(ids, mask, np.arange(prompt_len)[None], model.empty_past(1))
+    cached = model.forward(ids, mask, np.arange(prompt_len)[None], model.ops.empty(1))
     for position in range(prompt_len, len(tokens)):
         full_ids = np.array([tokens[: position + 1]], dtype=np.int64)
         full = model.forward(
-            full_ids, np.ones_like(full_ids), np.arange(position + 1)[None], model.empty_past(1)
+            full_ids, np.ones_like(full_ids), np.arange(position + 1)[None], model.ops.empty(1)
         )
         mask = np.ones((1, position + 1), dtype=np.int64)
         cached = model.forward(full_ids[:, -1:], mask, np.array([[position]]), cached.present)
@@ -274,3 +274,12 @@ def test_duplicate_and_oversized_requests_are_rejected(model_dir: Path) -> None:
     with pytest.raises(InvalidRequestError, match="KV-cache budget of 64") as info:
         engine.add_request("b", [1, 2, 3], greedy(100))
     assert info.value.param == "max_tokens"
+
+
+def test_prompt_longer_than_one_prefill_is_rejected(model_dir: Path) -> None:
+    """A prefill is never split, and TensorRT's prefill profile ends at this length."""
+    engine = LLMEngine(EngineConfig(model_path=model_dir, max_prefill_tokens=16))
+    engine.add_request("fits", list(range(5, 21)), greedy(1))
+    with pytest.raises(InvalidRequestError, match="prefills at most 16") as info:
+        engine.add_request("long", list(range(5, 22)), greedy(1))
+    assert info.value.param == "prompt"

@@ -15,13 +15,14 @@ from serve_app.engine.onnx_model import OnnxDecoder
 def test_layout_is_discovered_from_the_graph_and_config(model_dir: Path) -> None:
     model = OnnxDecoder(EngineConfig(model_path=model_dir))
     config = json.loads((model_dir / "config.json").read_text())
-    assert model.num_layers == config["num_hidden_layers"]
-    assert model.num_kv_heads == config["num_key_value_heads"]
-    assert model.num_kv_heads < config["num_attention_heads"]  # the demo model uses GQA
-    assert model.has_position_ids
-    assert model.past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert model.io.num_layers == config["num_hidden_layers"]
+    assert model.io.num_kv_heads == config["num_key_value_heads"]
+    assert model.io.num_kv_heads < config["num_attention_heads"]  # the demo model uses GQA
+    assert model.io.has_position_ids
+    assert model.io.past_names[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert (
-        model.kv_bytes_per_token == 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
+        model.io.kv_bytes_per_token
+        == 2 * model.io.num_layers * model.io.num_kv_heads * model.io.head_dim * 4
     )
 
 

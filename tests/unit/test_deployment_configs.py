@@ -1,0 +1,35 @@
+"""Every shipped deployment profile is valid for the app's strict arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve_app.app import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ["serve_config.yaml", *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))]
+
+
+def serve_config(name: str) -> dict[str, Any]:
+    if name == "rayservice.yaml":
+        manifest = yaml.safe_load((ROOT / "k8s" / name).read_text())
+        config: dict[str, Any] = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+        return config
+    path = ROOT / name if name == "serve_config.yaml" else ROOT / "configs" / name
+    config = yaml.safe_load(path.read_text())
+    return config
+
+
+@pytest.mark.parametrize("name", [*PROFILES, "rayservice.yaml"])
+def test_profile_arguments_validate(name: str) -> None:
+    (application,) = serve_config(name)["applications"]
+    args = AppArgs.model_validate(application["args"])
+    assert application["import_path"] == "serve_app.app:build_app"
+    if "gpu" in name or name == "rayservice.yaml":
+        assert args.engine.device == "cuda"
+        model = next(d for d in application["deployments"] if d["name"] == "LLMModel")
+        assert model["ray_actor_options"]["num_gpus"] == 1  # one model replica per GPU
