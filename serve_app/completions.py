@@ -18,7 +18,6 @@ from serve_app.cache import (
     CachedChoice,
     CachedResponse,
     ResponseCacheClient,
-    cache_key,
     is_cacheable,
 )
 from serve_app.errors import ApiError
@@ -230,9 +229,7 @@ class CompletionService:
         complete = all(c.finish_reason for c in generation.choices)
         if cacheable is None or not complete or generation.model_version is None:
             return
-        await self.cache.store(
-            cache_key(generation.model_version, cacheable), _to_cache(generation)
-        )
+        await self.cache.store(generation.model_version, cacheable, _to_cache(generation))
 
     async def _deltas(self, prepared: list[PreparedRequest]) -> AsyncIterator[ChoiceDelta]:
         """Every choice's chunks as they come, merged and timed; an error chunk raises

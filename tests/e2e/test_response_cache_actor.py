@@ -48,23 +48,59 @@ def test_put_then_get_through_the_handle() -> None:
     assert (stats.entries, stats.hits, stats.misses) == (1, 1, 1)
 
 
+async def live_version_reaches(client: ResponseCacheClient, version: str | None) -> None:
+    """Wait for the client's long poll to deliver ``version``."""
+    for _ in range(100):
+        if client.live_version == version:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the client still follows {client.live_version!r}, not {version!r}")
+
+
 def test_client_finds_answers_of_the_live_version_only() -> None:
     handle = deploy(ResponseCacheConfig())
     client = ResponseCacheClient(handle)
     request = {"prompt": "k", "temperature": 0}
 
     async def exercise() -> list[CachedResponse | None]:
-        await client.store(cache_key("v1", request), response("from v1"))
+        await client.store("v1", request, response("from v1"))
         before_any_version = await client.lookup(request)
         await handle.set_live_version.remote("v1")
+        await live_version_reaches(client, "v1")
         live = await client.lookup(request)
         absent = await client.lookup({"prompt": "absent", "temperature": 0})
         await handle.set_live_version.remote("v2")
+        await live_version_reaches(client, "v2")
         after_swap = await client.lookup(request)
         return [before_any_version, live, absent, after_swap]
 
     assert asyncio.run(exercise()) == [None, response("from v1"), None, None]
     assert (client.hits, client.misses, client.errors) == (1, 3, 0)
+
+
+def test_a_repeated_hit_is_answered_by_the_near_cache_without_a_call() -> None:
+    handle = deploy(ResponseCacheConfig())
+    client = ResponseCacheClient(handle)
+    request = {"prompt": "k", "temperature": 0}
+
+    async def exercise() -> list[CachedResponse | None]:
+        await handle.set_live_version.remote("v1")
+        await client.lookup(request)  # starts following the live version
+        await live_version_reaches(client, "v1")
+        await handle.put.remote(cache_key("v1", request), response("stored elsewhere"))
+        await client.store("v1", {"prompt": "mine", "temperature": 0}, response("mine"))
+        answers = [await client.lookup(request) for _ in range(3)]
+        answers.append(await client.lookup({"prompt": "mine", "temperature": 0}))
+        await handle.reconfigure.remote({"enabled": False})
+        await live_version_reaches(client, None)  # a disabled cache empties the near cache
+        answers.append(await client.lookup(request))
+        return answers
+
+    answers = asyncio.run(exercise())
+    assert answers == [response("stored elsewhere")] * 3 + [response("mine"), None]
+    assert (client.hits, client.near_hits) == (4, 3)  # only the first lookup made a call
+    stats: CacheStats = handle.stats.remote().result()
+    assert stats.hits == 1
 
 
 def test_user_config_bounds_apply_when_the_replica_starts() -> None:
@@ -95,7 +131,7 @@ def test_client_degrades_to_a_miss_when_the_cache_is_gone() -> None:
     serve.delete(APP)
 
     async def exercise() -> CachedResponse | None:
-        await client.store("k", response("never stored"))
+        await client.store("v1", {"prompt": "k"}, response("never stored"))
         return await client.lookup({"prompt": "k"})
 
     assert asyncio.run(exercise()) is None

@@ -179,7 +179,7 @@ def test_client_times_out_to_a_miss_and_cancels_the_request() -> None:
     handle = HangingHandle()
     client = ResponseCacheClient(handle, timeout_s=0.05)  # type: ignore[arg-type]
     assert asyncio.run(client.lookup({"prompt": "k"})) is None
-    asyncio.run(client.store("k", response()))
+    asyncio.run(client.store("v1", {"prompt": "k"}, response()))
     assert client.errors == 2
     assert (client.hits, client.misses) == (0, 0)
     assert all(r.cancelled for r in handle.responses)
@@ -188,5 +188,5 @@ def test_client_times_out_to_a_miss_and_cancels_the_request() -> None:
 def test_disabled_client_is_a_silent_miss() -> None:
     client = ResponseCacheClient(None)
     assert asyncio.run(client.lookup({"prompt": "k"})) is None
-    asyncio.run(client.store("k", response()))
+    asyncio.run(client.store("v1", {"prompt": "k"}, response()))
     assert (client.hits, client.misses, client.errors) == (0, 0, 0)
