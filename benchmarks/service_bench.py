@@ -27,7 +27,7 @@ from engine_bench import MODELS, engine_round_fn
 from ray import serve
 from rounds import RequestTiming, RoundResult, measure, summarize
 
-from serve_app.app import build_app
+from serve_app.app import SERVE_ENV, build_app
 from serve_app.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -104,6 +104,7 @@ def main() -> None:
     }
 
     print(f"== service: {model_dir}", flush=True)
+    os.environ.update(SERVE_ENV)  # as the shipped configs set it
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app({"model_path": str(model_dir), "engine": engine_options}),

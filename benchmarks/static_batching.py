@@ -13,6 +13,7 @@ tokenizer, so ``python -m serve_app.bench`` can drive it like the real service:
 
 import argparse
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from serve_app.app import SERVE_ENV
 from serve_app.engine import EngineConfig
 from serve_app.engine.kv_cache import BatchKVCache
 from serve_app.engine.onnx_model import OnnxDecoder
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    os.environ.update(SERVE_ENV)  # as the shipped configs set it
     ray.init(num_cpus=8, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     deployment = StaticBatchLLM.bind(str(Path(args.model_path).resolve()), args.threads)

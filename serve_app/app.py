@@ -21,6 +21,12 @@ from serve_app.ingress import Ingress, IngressSettings
 from serve_app.model import LLMModel, ModelSource
 from serve_app.rate_limit import RateLimiter
 
+# Deployments stream one message per engine step to each other; Serve's gRPC transport carries
+# them with about a third more throughput than Ray actor calls (docs/PERFORMANCE.md, section 3).
+# The shipped configs set it as the application's runtime_env; Python callers set it in the
+# environment of the Ray cluster.
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
 
 class AppArgs(BaseModel):
     """The ``args:`` of ``serve_config.yaml``. Unknown keys are errors."""

@@ -66,6 +66,12 @@ class TensorRTDecoder:
         }
         self._output_names = ["logits", *self.io.present_names]
 
+    def __del__(self) -> None:
+        # A model reload drops this decoder; its stream would otherwise outlive it.
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            self._cudart.cudaStreamDestroy(stream)
+
     def describe(self) -> str:
         """The backend, its version and device, e.g. for ``/v1/model_info``."""
         return f"tensorrt {self._trt.__version__} (cuda:{self.device.index})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.app import AppArgs, compose
+from serve_app.app import SERVE_ENV, AppArgs, compose
 
 APP_NAME = "llm"
 STARTUP_TIMEOUT_S = 120
@@ -87,13 +88,25 @@ def app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
     return args
 
 
+@contextmanager
+def local_ray(**options: Any) -> Iterator[None]:
+    """A local Ray cluster whose processes see ``SERVE_ENV``, as the shipped configs set it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SERVE_ENV.items():
+            patch.setenv(name, value)  # the cluster's processes inherit the driver's environment
+        ray.init(num_cpus=8, include_dashboard=False, **options)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     """Ray for one test module, for tests that deploy their own pieces."""
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +117,13 @@ def served_app(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]
     overrides = getattr(request.module, "APP_OVERRIDES", {})
     model_options = getattr(request.module, "MODEL_OPTIONS", None)
     port = free_port()
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        _system_config={"metrics_report_interval_ms": 500},  # see new series quickly
-    )
-    try:
+    with local_ray(_system_config={"metrics_report_interval_ms": 500}):  # see series quickly
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = AppArgs.model_validate(app_args(model_dir, **overrides))
         serve.run(compose(settings, model_options), name=APP_NAME, route_prefix="/")
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url)
         yield base_url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

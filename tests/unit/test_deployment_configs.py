@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from serve_app.app import AppArgs
+from serve_app.app import SERVE_ENV, AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ["serve_config.yaml", *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))]
@@ -29,6 +29,7 @@ def test_profile_arguments_validate(name: str) -> None:
     (application,) = serve_config(name)["applications"]
     args = AppArgs.model_validate(application["args"])
     assert application["import_path"] == "serve_app.app:build_app"
+    assert application["runtime_env"]["env_vars"] == SERVE_ENV
     if "gpu" in name or name == "rayservice.yaml":
         assert args.engine.device == "cuda"
         model = next(d for d in application["deployments"] if d["name"] == "LLMModel")
