@@ -29,7 +29,7 @@ from serve_app.engine import (
     GenerationRequest,
     InvalidRequestError,
 )
-from serve_app.engine.onnx_model import count_parameters
+from serve_app.engine.decoder import count_parameters
 from serve_app.generation import ModelDescription, ModelStep, RejectedRequest
 from serve_app.metrics import EngineMetrics
 from serve_app.routing import ReplicaAffinityRouter

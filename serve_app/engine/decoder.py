@@ -168,3 +168,9 @@ def read_onnx_signature(
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
         inputs[value.name] = (dtype, list[int | str | None](dims))
     return inputs, [value.name for value in graph.output]
+
+
+def count_parameters(onnx_path: Path) -> int:
+    """Number of weights stored in the graph's initializers (external data is not read)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return sum(int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer)

@@ -164,14 +164,6 @@ def _tensorrt_defaults(
     }
 
 
-def count_parameters(onnx_path: Path) -> int:
-    """Number of weights stored in the graph's initializers (external data is not read)."""
-    import onnx  # only needed for this count; keeps engine import light
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return sum(int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer)
-
-
 def _session_options(config: EngineConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[config.graph_optimization]

@@ -17,10 +17,10 @@ PROFILES = ["serve_config.yaml", *sorted(p.name for p in (ROOT / "configs").glob
 def serve_config(name: str) -> dict[str, Any]:
     if name == "rayservice.yaml":
         manifest = yaml.safe_load((ROOT / "k8s" / name).read_text())
-        config: dict[str, Any] = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-        return config
-    path = ROOT / name if name == "serve_config.yaml" else ROOT / "configs" / name
-    config = yaml.safe_load(path.read_text())
+        text = manifest["spec"]["serveConfigV2"]
+    else:
+        text = (ROOT / name if name == "serve_config.yaml" else ROOT / "configs" / name).read_text()
+    config: dict[str, Any] = yaml.safe_load(text)
     return config
 
 
