@@ -10,9 +10,9 @@ on each path side by side (through the proxy, and straight to the ingress replic
 sends ``--requests`` distinct greedy completions twice each, one at a time, over one persistent
 HTTP connection: the first of a pair should be an ``X-Cache: miss``, the second a ``hit``. For
 context it times two floors of the HTTP path: a 404 (no Ray handle call) and ``GET /health``.
-Prints a table with the targets, writes ``benchmarks/results/cache_bench.json`` with every raw
-time and a plot beside it. The server and its Ray processes are stopped at the end, also on
-errors and Ctrl-C.
+Prints a table with the targets, writes the summary to ``benchmarks/results/cache_bench.json``
+with a plot beside it, and every raw time and ``X-Cache`` header to ``benchmarks/results/raw/``
+(git-ignored). The server and its Ray processes are stopped at the end, also on errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -35,8 +35,17 @@ from typing import Any
 import httpx
 import numpy as np
 import yaml
-from engine_bench import machine
 from tqdm import tqdm
+
+from serve_app.bench.report import (
+    figure,
+    machine,
+    markdown_table,
+    raw_path,
+    save_figure,
+    write_json,
+)
+from serve_app.bench.stats import distribution
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -254,12 +263,6 @@ def latency_sets(
     }
 
 
-def stats(times: list[float]) -> dict[str, float]:
-    """p50, p90 and mean, in seconds."""
-    p50, p90 = np.percentile(times, [50, 90])
-    return {"p50": float(p50), "p90": float(p90), "mean": float(np.mean(times))}
-
-
 def targets(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float | bool]]:
     """The hit p50 and the speed-up against their targets."""
     hit_p50 = summary["hit"]["p50"]
@@ -278,46 +281,35 @@ def targets(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float |
     }
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_table(summary: dict[str, Any]) -> None:
     """Latency per path and set, then cold start, the targets and the miss-then-hit check."""
-    print("\n| path | what | n | p50 ms | p90 ms | mean ms |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, path in report["paths"].items():
+    rows = []
+    for name, path in summary["paths"].items():
         for set_, label in LATENCY_SETS.items():
             row = path["summary_s"][set_]
-            print(
-                f"| {name} | {label} | {len(path['latency_s'][set_])} | {row['p50'] * 1e3:.1f} "
-                f"| {row['p90'] * 1e3:.1f} | {row['mean'] * 1e3:.1f} |"
-            )
+            rows.append([name, label, str(path["samples"][set_]),
+                         *(f"{row[key] * 1e3:.1f}" for key in ("p50", "p90", "mean"))])  # fmt: skip
+    headers = ["path", "what", "n", "p50 ms", "p90 ms", "mean ms"]
+    print("\n" + markdown_table(headers, rows, text_columns=2))
     verdict = {True: "met", False: "**missed**"}
-    print("\n| what | result | target |")
-    print("|---|---:|---|")
-    print(
-        f"| `serve run` to the first 200 | {report['cold_start']['seconds']:.1f} s | (reported) |"
-    )
-    for name, path in report["paths"].items():
+    rows = [["`serve run` to the first 200", f"{summary['cold_start']['seconds']:.1f} s",
+             "(reported)"]]  # fmt: skip
+    for name, path in summary["paths"].items():
         hit, speedup = path["targets"]["hit_p50_s"], path["targets"]["hit_speedup"]
-        print(
-            f"| {name}: hit p50 | {hit['value'] * 1e3:.1f} ms | "
-            f"<= {hit['target'] * 1e3:.0f} ms: {verdict[hit['met']]} |"
-        )
-        print(
-            f"| {name}: hit speed-up (miss p50 / hit p50) | {speedup['value']:.1f}x | "
-            f">= {speedup['target']:.0f}x: {verdict[speedup['met']]} |"
-        )
-        mismatches = f"{path['mismatches']} of {len(path['pairs'])}"
-        print(f"| {name}: pairs not miss then hit | {mismatches} | 0 |")
-    print(flush=True)
+        rows += [
+            [f"{name}: hit p50", f"{hit['value'] * 1e3:.1f} ms",
+             f"<= {hit['target'] * 1e3:.0f} ms: {verdict[hit['met']]}"],
+            [f"{name}: hit speed-up (miss p50 / hit p50)", f"{speedup['value']:.1f}x",
+             f">= {speedup['target']:.0f}x: {verdict[speedup['met']]}"],
+            [f"{name}: pairs not miss then hit", f"{path['mismatches']} of {path['pairs']}", "0"],
+        ]  # fmt: skip
+    print("\n" + markdown_table(["what", "result", "target"], rows), end="\n\n", flush=True)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Cumulative distribution of the four latency sets, log time axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(8, 4.5))
+def plot(report: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
+    """Cumulative distribution of the four latency sets (raw ``report``), log time axis."""
+    fig = figure(8, 4.5)
+    axis = fig.subplots()
     for (name, measured), style in zip(report["paths"].items(), ("-", ":"), strict=True):
         for set_, label in LATENCY_SETS.items():
             times = np.sort(measured["latency_s"][set_]) * 1e3
@@ -329,14 +321,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("fraction of requests")
     speedups = ", ".join(
         f"{name} {measured['targets']['hit_speedup']['value']:.0f}x"
-        for name, measured in report["paths"].items()
+        for name, measured in summary["paths"].items()
     )
     axis.set_title(f"cold start {report['cold_start']['seconds']:.1f} s; hit speed-up {speedups}")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def parse_args() -> argparse.Namespace:
@@ -406,6 +396,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """What the committed JSON keeps: the report with percentiles and targets, not raw times."""
+    paths = {}
+    for name, path in report["paths"].items():
+        summary_s = {set_: asdict(distribution(path["latency_s"][set_])) for set_ in LATENCY_SETS}
+        paths[name] = {
+            "pairs": len(path["pairs"]),
+            "mismatches": path["mismatches"],
+            "samples": {set_: len(path["latency_s"][set_]) for set_ in LATENCY_SETS},
+            "summary_s": summary_s,
+            "targets": targets(summary_s),
+        }
+    return {**report, "paths": paths}
+
+
 def main() -> None:
     """Run the benchmark and write its JSON and plot."""
     args = parse_args()
@@ -413,17 +418,16 @@ def main() -> None:
     if leftovers := marked_processes():
         sys.exit(f"an earlier cache_bench server still runs (pids {leftovers}); stop it first")
     report = measure(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, path in report["paths"].items():
         if not path["latency_s"]["hit"]:
-            args.out.write_text(json.dumps(report, indent=2))
-            sys.exit(f"no X-Cache: hit over {name} (headers are in {args.out}): cache enabled?")
-        path["summary_s"] = {set_: stats(path["latency_s"][set_]) for set_ in LATENCY_SETS}
-        path["targets"] = targets(path["summary_s"])
-    print_table(report)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    plot(report, args.out.with_suffix(".png"))
+            raw_path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            raw_path(args.out).write_text(json.dumps(report, indent=2))
+            sys.exit(f"no X-Cache: hit over {name} (headers in {raw_path(args.out)}): cache on?")
+    summary = summarize(report)
+    print_table(summary)
+    raw = write_json(args.out, summary, report)
+    plot(report, summary, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}, {args.out.with_suffix('.png')} and {raw}")
 
 
 if __name__ == "__main__":

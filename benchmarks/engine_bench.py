@@ -7,28 +7,37 @@ Every system gets C identical greedy requests at once (prompt of --prompt-len to
 exactly --max-tokens new tokens each, EOS ignored) and is timed per token. onnxruntime-genai
 runs in its own virtual environment (``--genai-python``) on a model its builder makes from the
 same Hugging Face weights; it is skipped with a note when that environment is missing.
-Prints a table per model, writes ``benchmarks/results/engine_bench.json`` and a plot.
+Prints a table per model, writes the summaries to ``benchmarks/results/engine_bench.json`` with a
+plot beside it, and every request's token times to ``benchmarks/results/raw/`` (git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import platform
 import subprocess
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-from rounds import RequestTiming, RoundFn, RoundResult, measure, prompt_ids
 
 from serve_app import DEMO_MODEL_DIR
-from serve_app.engine import EngineConfig, LLMEngine, SamplingParams
-from serve_app.engine.onnx_model import OnnxDecoder
+from serve_app.bench.dataset import prompt_ids
+from serve_app.bench.inprocess import RoundFn, measure, round_traces
+from serve_app.bench.load import PointRun
+from serve_app.bench.report import (
+    PointResult,
+    comparison_table,
+    machine,
+    plot_by_concurrency,
+    write_json,
+)
+from serve_app.bench.trace import RequestTrace
+from serve_app.engine import EngineConfig, LLMEngine, SamplingParams, load_decoder
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
@@ -62,20 +71,22 @@ def engine_round_fn(
         allow_spinning=allow_spinning,
         **options,
     )
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, load_decoder(config))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
-    def round_fn(concurrency: int) -> tuple[list[RequestTiming], float]:
-        timings = {str(i): RequestTiming() for i in range(concurrency)}
+    def round_fn(concurrency: int) -> PointRun:
+        round_prompts = [prompts[i % len(prompts)] for i in range(concurrency)]
+        traces = round_traces(list(map(len, round_prompts)), max_tokens)
         started = time.perf_counter()
-        for i, request_id in enumerate(timings):
-            engine.add_request(request_id, prompts[i % len(prompts)], params)
+        for i, prompt in enumerate(round_prompts):
+            engine.add_request(str(i), prompt, params)
         while engine.has_work():
             outputs = engine.step()
             now = time.perf_counter() - started
             for output in outputs:
-                timings[output.request_id].record(now, len(output.new_token_ids))
-        return list(timings.values()), time.perf_counter() - started
+                if output.new_token_ids:  # a zero-token chunk would have no inter-token gap
+                    traces[int(output.request_id)].record(now, len(output.new_token_ids))
+        return PointRun(traces, time.perf_counter() - started)
 
     return round_fn
 
@@ -94,7 +105,7 @@ def naive_round_fn(
     empty = np.zeros((1, io.num_kv_heads, 0, io.head_dim), dtype=io.kv_dtype)
     prompt = ids.astype(np.int64)[None, :]
 
-    def generate_one(timing: RequestTiming, started: float) -> None:
+    def generate_one(trace: RequestTrace, started: float) -> None:
         feeds = {
             "input_ids": prompt,
             "attention_mask": np.ones_like(prompt),
@@ -105,7 +116,7 @@ def naive_round_fn(
         for _ in range(max_tokens):
             logits, *present = session.run(None, feeds)
             token = int(logits[0, -1].argmax())
-            timing.record(time.perf_counter() - started)
+            trace.record(time.perf_counter() - started)
             length += 1
             feeds = {
                 "input_ids": np.array([[token]], dtype=np.int64),
@@ -116,19 +127,19 @@ def naive_round_fn(
             if not io.has_position_ids:
                 del feeds["position_ids"]
 
-    def round_fn(concurrency: int) -> tuple[list[RequestTiming], float]:
-        timings = [RequestTiming() for _ in range(concurrency)]
+    def round_fn(concurrency: int) -> PointRun:
+        traces = round_traces([len(ids)] * concurrency, max_tokens)
         started = time.perf_counter()
-        for timing in timings:
-            generate_one(timing, started)
-        return timings, time.perf_counter() - started
+        for trace in traces:  # one after the other: the later ones wait, as a queue would
+            generate_one(trace, started)
+        return PointRun(traces, time.perf_counter() - started)
 
     return round_fn
 
 
 def genai_results(
-    args: argparse.Namespace, name: str, hf_dir: Path, vocab_size: int
-) -> tuple[list[RoundResult], str]:
+    args: argparse.Namespace, name: str, hf_dir: Path
+) -> tuple[list[PointResult], str]:
     """Build (once) and run the onnxruntime-genai model in its own environment."""
     if not Path(args.genai_python).exists():
         return [], f"skipped: {args.genai_python} not found (see docs/PERFORMANCE.md)"
@@ -148,12 +159,13 @@ def genai_results(
         "--concurrency", *map(str, args.concurrency), "--json-out", str(out),
     ]  # fmt: skip
     subprocess.run(command, check=True)
-    payload = json.loads(out.read_text())
-    results = [RoundResult(**{**r, "mode": f"genai-{r['mode']}"}) for r in payload["results"]]
+    payload = json.loads(out.read_text())  # its raw traces stay in the cache's raw/ folder
+    points = [PointResult.from_record(record) for record in payload["points"]]
+    results = [dataclasses.replace(p, system=f"genai-{p.system}") for p in points]
     return results, json.dumps(payload.get("notes", {}))
 
 
-def bench_model(args: argparse.Namespace, name: str) -> dict[str, object]:
+def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Every system on one model."""
     model_dir, hf_dir = MODELS[name]
     if not (model_dir / "model.onnx").is_file():
@@ -163,61 +175,20 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, object]:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     ids = prompt_ids(args.prompt_len, vocab, args.seed)
     print(f"== {name}: {model_dir}", flush=True)
-    levels, p, m = args.concurrency, args.prompt_len, args.max_tokens
+    levels, m = args.concurrency, args.max_tokens
     engine_fn = engine_round_fn(model_dir, [ids.astype(np.int64).tolist()], m, args.threads)
-    results = measure("engine", engine_fn, levels, p, m)
-    results += measure("naive", naive_round_fn(model_dir, ids, m, args.threads), levels, p, m)
-    genai, genai_notes = genai_results(args, name, hf_dir, vocab)
+    results = measure("engine", engine_fn, levels, m)
+    results += measure("naive", naive_round_fn(model_dir, ids, m, args.threads), levels, m)
+    genai, genai_notes = genai_results(args, name, hf_dir)
     results += genai
     print_table(name, results)
-    return {"model": name, "model_dir": str(model_dir), "genai": genai_notes,
-            "results": [asdict(r) for r in results]}  # fmt: skip
+    return {"model": name, "model_dir": str(model_dir), "genai": genai_notes, "points": results}
 
 
-def print_table(name: str, results: list[RoundResult], baseline: str = "naive") -> None:
-    """One row per system and concurrency, with the ratio to the ``baseline`` system."""
-    naive = {r.concurrency: r.output_tokens_per_s for r in results if r.mode == baseline}
+def print_table(name: str, results: list[PointResult], baseline: str = "naive") -> None:
+    """One row per system and concurrency, with the ratios to the ``baseline`` system."""
     print(f"\n{name}: output tokens/s, decode tokens/s, TTFT p50")
-    print(f"| system | C | output tok/s | decode tok/s | TTFT p50 ms | vs {baseline} |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in sorted(results, key=lambda r: (r.mode, r.concurrency)):
-        ratio = r.output_tokens_per_s / naive[r.concurrency] if r.concurrency in naive else 0.0
-        print(
-            f"| {r.mode} | {r.concurrency} | {r.output_tokens_per_s:.0f} | "
-            f"{r.decode_tokens_per_s:.0f} | {r.ttft_p50_s * 1e3:.1f} | {ratio:.2f}x |"
-        )
-    print(flush=True)
-
-
-def plot(report: dict[str, object], path: Path) -> None:
-    """Throughput and TTFT against concurrency, one column per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [m for m in report["models"] if "results" in m]  # type: ignore[union-attr]
-    if not models:
-        return
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    for column, model in enumerate(models):
-        modes = sorted({r["mode"] for r in model["results"]})
-        for mode in modes:
-            rows = [r for r in model["results"] if r["mode"] == mode]
-            levels = [r["concurrency"] for r in rows]
-            axes[0][column].plot(levels, [r["output_tokens_per_s"] for r in rows], "o-", label=mode)
-            axes[1][column].plot(levels, [r["ttft_p50_s"] * 1e3 for r in rows], "o-", label=mode)
-        axes[0][column].set_title(f"{model['model']}: output tokens/s")
-        axes[1][column].set_title(f"{model['model']}: time to first token p50 (ms)")
-        for axis in (axes[0][column], axes[1][column]):
-            axis.set_xscale("log", base=2)
-            axis.set_xlabel("concurrent sequences")
-            axis.grid(alpha=0.3)
-            axis.legend()
-        axes[1][column].set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    print(comparison_table(results, baseline), end="\n\n", flush=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -238,25 +209,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(),
-            "python": sys.version.split()[0], "onnxruntime": ort.__version__,
-            "providers": ort.get_available_providers()}  # fmt: skip
-
-
-def write_report(report: dict[str, object], out: Path) -> None:
-    """The JSON report and its plot beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {out}")
-    plot(report, out.with_suffix(".png"))
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """The summary JSON, its plot beside it, and the raw traces in the git-ignored folder."""
+    raw = write_json(out, report)
+    groups = {m["model"]: m.get("points", []) for m in report["models"]}
+    plot_by_concurrency(out.with_suffix(".png"), groups)
+    print(f"wrote {out}, {out.with_suffix('.png')} and {raw}")
 
 
 def main() -> None:
     """Run the benchmark and write its JSON and plot."""
     args = parse_args()
-    report: dict[str, object] = {
+    report: dict[str, Any] = {
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "models": [bench_model(args, name) for name in args.models],

@@ -1,13 +1,16 @@
 """Benchmark onnxruntime-genai's continuous-batching Engine as a baseline for our own engine.
 
-Runs in the tools venv (``.venv-tools``), never imports ``serve_app``.
+Runs in the tools venv (``.venv-tools``), which installs this project too: it takes its rounds,
+traces and summaries from ``serve_app.bench`` (numpy and the standard library only), never the
+engine or Ray.
 
     python benchmarks/genai_engine.py build --checkpoint HF_DIR --output GENAI_DIR
     python benchmarks/genai_engine.py run --model GENAI_DIR --prompt-len 64 --max-tokens 64 \
         --concurrency 1 8 32 64 --json-out genai.json
 
 ``run`` submits C identical greedy requests at once and reports TTFT, decode tokens/s and output
-tokens/s per concurrency. Two modes exist:
+tokens/s per concurrency; ``--json-out`` gets the summaries, ``raw/`` beside it every request's
+token times. Two modes exist:
 
 * ``engine``: ``og.Engine`` + ``og.Request``. On CPU (no PagedAttention export) the Engine uses its
   static batch scheduler, which admits at most 4 requests per batch and runs a batch to completion
@@ -23,12 +26,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from rounds import RequestTiming, RoundFn, RoundResult, measure, prompt_ids
+
+from serve_app.bench.dataset import prompt_ids
+from serve_app.bench.inprocess import RoundFn, measure, round_traces
+from serve_app.bench.load import PointRun
+from serve_app.bench.report import PointResult, write_json
+from serve_app.bench.trace import RequestTrace
 
 MODES = ("engine", "static-generator")
 GENERATOR_MAX_BATCH = 32  # og.Generator refuses larger batches ("batch_size must be in [1, 32]")
@@ -116,10 +123,11 @@ def load_model(args: argparse.Namespace, genai_config: dict) -> tuple[og.Model, 
 
 def run_engine_round(
     engine: og.Engine, ids: np.ndarray, concurrency: int, max_tokens: int, session_tokens: int
-) -> tuple[list[RequestTiming], float]:
+) -> PointRun:
     """Submit `concurrency` requests at once to og.Engine and drain it."""
     buffer = engine.create_event_buffer(max(256, 2 * concurrency))
-    timings: dict[og.Request, RequestTiming] = {}
+    traces = round_traces([len(ids)] * concurrency, max_tokens)
+    by_request: dict[og.Request, RequestTrace] = {}
     requests = []
     started = time.perf_counter()
     for _ in range(concurrency):
@@ -134,8 +142,8 @@ def run_engine_round(
         # Masks EOS until max_tokens are out, so every request generates exactly max_tokens.
         turn.set_min_generated_tokens(max_tokens)
         request.begin_turn(ids, turn)
+        by_request[request] = traces[len(requests)]
         requests.append(request)
-        timings[request] = RequestTiming()
     while engine.has_pending_requests():
         engine.run(buffer)
         now_s = time.perf_counter() - started
@@ -145,16 +153,16 @@ def run_engine_round(
             if flags & int(og.EngineEventFlags.FAILED):
                 raise RuntimeError(f"engine request failed: {event.error_code}")
             if flags & int(og.EngineEventFlags.TOKEN):
-                timings[event.request].record(now_s)
+                by_request[event.request].record(now_s)
     wall_s = time.perf_counter() - started
     for request in requests:
         request.close()
-    return [timings[r] for r in requests], wall_s
+    return PointRun(traces, wall_s)
 
 
 def run_generator_round(
     model: og.Model, ids: np.ndarray, concurrency: int, max_tokens: int
-) -> tuple[list[RequestTiming], float]:
+) -> PointRun:
     """Run one static og.Generator batch of `concurrency` identical prompts."""
     total_len = len(ids) + max_tokens
     started = time.perf_counter()
@@ -165,15 +173,15 @@ def run_generator_round(
     )
     generator = og.Generator(model, params)
     generator.append_tokens(np.tile(ids, (concurrency, 1)))
-    timings = [RequestTiming() for _ in range(concurrency)]
+    traces = round_traces([len(ids)] * concurrency, max_tokens)
     while not generator.is_done():
         generator.generate_next_token()
         now_s = time.perf_counter() - started
-        for timing in timings:
-            timing.record(now_s)
+        for trace in traces:
+            trace.record(now_s)
     wall_s = time.perf_counter() - started
     del generator
-    return timings, wall_s
+    return PointRun(traces, wall_s)
 
 
 def engine_round_fn(
@@ -205,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
     ids = prompt_ids(args.prompt_len, int(genai_config["model"]["vocab_size"]), args.seed)
     notes: dict = {"onnxruntime_genai": og.__version__, **settings}
 
-    results: list[RoundResult] = []
+    results: list[PointResult] = []
     for mode in args.mode:
         levels = args.concurrency
         if mode == "engine":
@@ -214,13 +222,12 @@ def run(args: argparse.Namespace) -> None:
             round_fn = lambda c: run_generator_round(model, ids, c, args.max_tokens)  # noqa: E731
             levels = [c for c in levels if c <= GENERATOR_MAX_BATCH]
             notes["static_generator_skipped"] = sorted(set(args.concurrency) - set(levels))
-        results += measure(mode, round_fn, levels, args.prompt_len, args.max_tokens)
+        results += measure(mode, round_fn, levels, args.max_tokens)
 
     if args.json_out:
-        payload = {"notes": notes, "results": [asdict(r) for r in results]}
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(payload, indent=2))
-        print(f"[run] wrote {args.json_out}")
+        payload = {"notes": notes, "points": results}
+        raw = write_json(args.json_out, payload)
+        print(f"[run] wrote {args.json_out} and {raw}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,22 +8,25 @@ First a correctness pass: greedy tokens of every system against the fp32 model o
 (``--reference``); a system agrees when its first ``--agree-tokens`` tokens are the same for
 every prompt. Then decode tokens/s and time to first token at each concurrency level.
 Systems whose backend or device is missing are skipped with the reason. ``--systems cpu`` runs
-the script end to end on a machine without a GPU. Writes ``benchmarks/results/gpu_bench.json``
-and a plot.
+the script end to end on a machine without a GPU. Writes the summaries to
+``benchmarks/results/gpu_bench.json`` with a plot beside it, and every request's token times to
+``benchmarks/results/raw/`` (git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from engine_bench import engine_round_fn, machine, naive_round_fn, print_table, write_report
-from rounds import RoundResult, measure, prompt_ids
+from engine_bench import engine_round_fn, naive_round_fn, print_table, write_report
 
-from serve_app.engine import EngineConfig, EngineError, LLMEngine, SamplingParams
+from serve_app.bench.dataset import prompt_ids
+from serve_app.bench.inprocess import measure
+from serve_app.bench.report import PointResult, machine
+from serve_app.engine import EngineConfig, EngineError, LLMEngine, SamplingParams, load_decoder
 
 TRT_EP = [{"name": "TensorrtExecutionProvider"}, {"name": "CUDAExecutionProvider"}]
 SYSTEMS: dict[str, dict[str, object]] = {
@@ -41,7 +44,7 @@ def greedy_tokens(
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` generated together in one batch."""
     config = EngineConfig(model_path=model_dir, max_prefill_tokens=4096, **options)  # type: ignore[arg-type]
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, load_decoder(config))
     params = SamplingParams(temperature=0, max_tokens=count, ignore_eos=True)
     for index, prompt in enumerate(prompts):
         engine.add_request(str(index), prompt, params)
@@ -63,25 +66,25 @@ def agreement(reference: list[list[int]], tokens: list[list[int]]) -> dict[str, 
 
 def run_system(
     args: argparse.Namespace, name: str, reference: list[list[int]], prompts: list[list[int]]
-) -> dict[str, object]:
+) -> tuple[dict[str, Any], list[PointResult]]:
     """Correctness, then throughput, for one system; a load failure is reported, not raised."""
     options = SYSTEMS[name]
     try:
         tokens = greedy_tokens(args.model, prompts, args.agree_tokens, **options)
     except EngineError as exc:
         print(f"== {name}: skipped: {exc}", flush=True)
-        return {"system": name, "skipped": str(exc)}
+        return {"system": name, "skipped": str(exc)}, []
     check = agreement(reference, tokens)
     print(f"== {name}: greedy vs CPU fp32: {check}", flush=True)
-    p, m, levels = args.prompt_len, args.max_tokens, args.concurrency
+    m, levels = args.max_tokens, args.concurrency
     engine = engine_round_fn(
         args.model, prompts[:1], m, args.threads, max_num_seqs=max(levels), **options
     )
-    results = measure(name, engine, levels, p, m)
+    results = measure(name, engine, levels, m)
     if name in BARE_LOOPS:
         bare = naive_round_fn(args.model, np.array(prompts[0]), m, args.threads, **options)
-        results += measure(BARE_LOOPS[name], bare, levels, p, m)
-    return {"system": name, "correctness": check, "results": [asdict(r) for r in results]}
+        results += measure(BARE_LOOPS[name], bare, levels, m)
+    return {"system": name, "correctness": check}, results
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,16 +115,20 @@ def main() -> None:
         prompt_ids(args.prompt_len, vocab, args.seed + i).tolist() for i in range(args.prompts)
     ]
     reference = greedy_tokens(args.reference, prompts, args.agree_tokens, device="cpu")
-    systems = [run_system(args, name, reference, prompts) for name in args.systems]
-    results = [RoundResult(**r) for s in systems for r in s.get("results", [])]  # type: ignore[attr-defined]
+    systems: list[dict[str, Any]] = []
+    results: list[PointResult] = []
+    for name in args.systems:
+        system, points = run_system(args, name, reference, prompts)
+        systems.append(system)
+        results += points
     if results:
-        ran = {r.mode for r in results}
+        ran = {p.system for p in results}
         print_table("gpu", results, baseline="bare-cuda" if "bare-cuda" in ran else "bare-cpu")
     report = {
         "machine": machine(),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "systems": systems,
-        "models": [{"model": args.model.name, "results": [asdict(r) for r in results]}],
+        "models": [{"model": args.model.name, "points": results}],
     }
     write_report(report, args.out)
 

@@ -6,7 +6,9 @@
 Each round sends C streaming requests at once (distinct prompts of about --prompt-len tokens,
 exactly --max-tokens new tokens each, greedy, EOS ignored) to ``/v1/stream_infer`` over HTTP,
 then gives the bare engine the same token ids in-process. Distinct prompts keep the response
-cache out of the measurement. Prints a table, writes JSON and a plot.
+cache out of the measurement. Prints a table, writes the summaries to
+``benchmarks/results/service_bench.json`` with a plot beside it, and every request's token times to
+``benchmarks/results/raw/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import numpy as np
 import ray
-from engine_bench import MODELS, engine_round_fn
+from engine_bench import MODELS, engine_round_fn, print_table, write_report
 from ray import serve
-from rounds import RequestTiming, RoundResult, measure, summarize
 
 from serve_app.app import SERVE_ENV, build_app
-from serve_app.tokenizer import Tokenizer
+from serve_app.bench.inprocess import measure, round_traces
+from serve_app.bench.load import PointRun
+from serve_app.bench.report import PointResult, machine
+from serve_app.bench.trace import RequestTrace
+from serve_app.text.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,35 +46,35 @@ def prompts_for(tokenizer: Tokenizer, count: int, length: int, seed: int) -> lis
 
 
 async def stream_one(
-    client: httpx.AsyncClient, prompt: str, max_tokens: int, started: float
-) -> RequestTiming:
+    client: httpx.AsyncClient, prompt: str, trace: RequestTrace, started: float
+) -> None:
     """One streaming request; token counts come from each event's ``tokens``."""
-    timing = RequestTiming()
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"prompt": prompt, "max_tokens": trace.max_tokens, "temperature": 0}
     async with client.stream("POST", "/v1/stream_infer", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            trace.status = str(response.status_code)
+            trace.error = (await response.aread()).decode(errors="replace")
+            return
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            tokens = len(json.loads(line.removeprefix("data: "))["tokens"])
+            tokens = int(json.loads(line.removeprefix("data: "))["tokens"])
             if tokens:
-                timing.record(time.perf_counter() - started, tokens)
-    return timing
+                trace.record(time.perf_counter() - started, tokens)
 
 
-def service_round(
-    base_url: str, prompts: list[str], max_tokens: int
-) -> tuple[list[RequestTiming], float]:
+def service_round(base_url: str, prompts: list[str], prompt_len: int, max_tokens: int) -> PointRun:
     """All prompts at once over HTTP."""
 
-    async def run() -> tuple[list[RequestTiming], float]:
+    async def run() -> PointRun:
+        traces = round_traces([prompt_len] * len(prompts), max_tokens)
         limits = httpx.Limits(max_connections=len(prompts) + 8)
         async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
             started = time.perf_counter()
-            timings = await asyncio.gather(
-                *(stream_one(client, p, max_tokens, started) for p in prompts)
+            await asyncio.gather(
+                *(stream_one(client, p, t, started) for p, t in zip(prompts, traces, strict=True))
             )
-            return list(timings), time.perf_counter() - started
+            return PointRun(traces, time.perf_counter() - started)
 
     return asyncio.run(run())
 
@@ -112,71 +115,32 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{args.port}"
     rounds = iter(range(1000))  # a fresh prompt set per round keeps the cache cold
 
-    def service_fn(concurrency: int) -> tuple[list[RequestTiming], float]:
+    def service_fn(concurrency: int) -> PointRun:
         prompts = prompts_for(tokenizer, concurrency, args.prompt_len, seed=next(rounds))
-        return service_round(base_url, prompts, m)
+        return service_round(base_url, prompts, args.prompt_len, m)
 
-    results = measure("service", service_fn, levels, args.prompt_len, m)
+    results = measure("service", service_fn, levels, m)
     serve.shutdown()
     ray.shutdown()
 
     print(f"== bare engine: {model_dir}", flush=True)
-    engine_results: list[RoundResult] = []
+    engine_results: list[PointResult] = []
     for level in levels:
         prompts = prompts_for(tokenizer, level, args.prompt_len, seed=next(rounds))
         ids = [tokenizer.encode(p) for p in prompts]
         round_fn = engine_round_fn(
             model_dir, ids, m, args.threads, max_num_seqs=64, allow_spinning=args.spinning
         )
-        round_fn(min(4, level))  # warm-up
-        timings, wall = round_fn(level)
-        engine_results.append(summarize("engine", timings, wall, args.prompt_len, m))
+        engine_results += measure("engine", round_fn, [level], m)
     results += engine_results
 
-    print("\n| system | C | output tok/s | TTFT p50 ms | tok/s vs engine | TTFT p50 - engine |")
-    print("|---|---:|---:|---:|---:|---:|")
-    bare = {r.concurrency: r for r in engine_results}
-    for r in sorted(results, key=lambda r: (r.concurrency, r.mode)):
-        base = bare[r.concurrency]
-        ratio = r.output_tokens_per_s / base.output_tokens_per_s
-        ttft_gap_ms = (r.ttft_p50_s - base.ttft_p50_s) * 1e3
-        print(
-            f"| {r.mode} | {r.concurrency} | {r.output_tokens_per_s:.0f} | "
-            f"{r.ttft_p50_s * 1e3:.1f} | {ratio:.2f}x | {ttft_gap_ms:+.1f} ms |"
-        )
+    print_table(args.model, results, baseline="engine")
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": machine(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "results": [asdict(r) for r in results],
+        "models": [{"model": args.model, "model_dir": str(model_dir), "points": results}],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    plot(results, args.out.with_suffix(".png"))
-
-
-def plot(results: list[RoundResult], path: Path) -> None:
-    """Output tokens/s and TTFT p50 of both systems per concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (throughput, ttft) = plt.subplots(1, 2, figsize=(10, 4))
-    levels = sorted({r.concurrency for r in results})
-    width = 0.38
-    for offset, mode in ((-width / 2, "service"), (width / 2, "engine")):
-        rows = {r.concurrency: r for r in results if r.mode == mode}
-        x = [i + offset for i in range(len(levels))]
-        throughput.bar(x, [rows[c].output_tokens_per_s for c in levels], width, label=mode)
-        ttft.bar(x, [rows[c].ttft_p50_s * 1e3 for c in levels], width, label=mode)
-    for axis, title in ((throughput, "output tokens/s"), (ttft, "time to first token p50 (ms)")):
-        axis.set_xticks(range(len(levels)), [f"C={c}" for c in levels])
-        axis.set_title(title)
-        axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

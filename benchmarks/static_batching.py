@@ -27,9 +27,9 @@ from ray import serve
 
 from serve_app.app import SERVE_ENV
 from serve_app.engine import EngineConfig
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
 from serve_app.engine.kv_cache import BatchKVCache
-from serve_app.engine.onnx_model import OnnxDecoder
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.tokenizer import Tokenizer
 
 app = FastAPI()
 

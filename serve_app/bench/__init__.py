@@ -1,1 +1,5 @@
-"""Load generator for any OpenAI-compatible endpoint: ``python -m serve_app.bench``."""
+"""Benchmark framework: per-request traces, their summaries, and the reports written from them.
+
+The HTTP load generator ``python -m serve_app.bench`` and the in-process rounds of the engine
+benchmarks under ``benchmarks/`` both run on it.
+"""

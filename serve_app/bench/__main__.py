@@ -1,5 +1,8 @@
 """``python -m serve_app.bench``: sweep concurrency or request rate against an OpenAI endpoint.
 
+The engine benchmarks under ``benchmarks/`` measure in-process systems with the same traces,
+summaries and report (``serve_app.bench.inprocess``).
+
 python -m serve_app.bench --concurrency 1 4 16 32 --num-requests 64 --out results.json
 python -m serve_app.bench --request-rate 2 4 8 inf --endpoint chat --api-key sk-...
 """
@@ -93,7 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ask for logprobs so chunks carrying several tokens are counted exactly",
     )
 
-    parser.add_argument("--out", type=Path, help="write JSON here and a PNG plot next to it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the summary JSON here, a PNG plot next to it, and every request's trace to "
+        "raw/ beside it",
+    )
     return parser.parse_args(argv)
 
 
@@ -138,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(markdown_tables(points))
     if args.out:
-        write_json(args.out, settings(args, shapes), points)
+        raw = write_json(args.out, {"settings": settings(args, shapes), "points": points})
         plot(args.out.with_suffix(".png"), points)
-        print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+        print(f"\nwrote {args.out}, {args.out.with_suffix('.png')} and {raw}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Random prompts of requested lengths, reproducible from a seed."""
+"""Random prompts of requested lengths, reproducible from a seed: text, or token ids."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ always those both together group run until side state once stop without second r
 above list being
 """
 WORDS = tuple(_WORD_TEXT.split())
+FIRST_PROMPT_ID = 10  # keep clear of the special tokens (pad/bos/eos) at the start of the vocab
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,9 @@ def random_requests(
         output = int(rng.integers(out_low, out_high + 1))
         requests.append(BenchRequest(prompt=prompt, input_len=n_words, output_len=output))
     return requests
+
+
+def prompt_ids(prompt_len: int, vocab_size: int, seed: int) -> np.ndarray:
+    """Random token ids for an in-process prompt (int32; cast where int64 is needed)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(FIRST_PROMPT_ID, vocab_size, size=prompt_len).astype(np.int32)

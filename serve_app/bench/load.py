@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,10 @@ class Concurrency:
         """The most requests this point ever has open at once."""
         return min(self.level, num_requests)
 
+    def record(self) -> dict[str, Any]:
+        """The shape as JSON, for a point's summary."""
+        return {"concurrency": self.level}
+
     async def run(
         self, send: Send, requests: list[BenchRequest], seed: int, on_done: Callable[[], object]
     ) -> PointRun:
@@ -109,6 +114,10 @@ class RequestRate:
         """The most requests this point ever has open at once: all of them, at worst."""
         return num_requests
 
+    def record(self) -> dict[str, Any]:
+        """The shape as JSON, for a point's summary (an infinite rate is written as "inf")."""
+        return {"request_rate": self.per_s if math.isfinite(self.per_s) else "inf"}
+
     async def run(
         self, send: Send, requests: list[BenchRequest], seed: int, on_done: Callable[[], object]
     ) -> PointRun:
@@ -118,3 +127,10 @@ class RequestRate:
 
 
 LoadShape = Concurrency | RequestRate
+
+
+def shape_from_record(record: dict[str, Any]) -> LoadShape:
+    """The load shape a point's summary names: the inverse of ``record()``."""
+    if "concurrency" in record:
+        return Concurrency(int(record["concurrency"]))
+    return RequestRate(float(record["request_rate"]))

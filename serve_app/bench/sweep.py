@@ -45,5 +45,6 @@ async def run_sweep(
             point_requests = requests[index * per_point : (index + 1) * per_point]
             with tqdm(total=len(point_requests), desc=shape.label, unit="req") as bar:
                 run = await shape.run(send, point_requests, seed, bar.update)
-            results.append(PointResult(shape.label, run.traces, summarize(run.traces, run.wall_s)))
+            summary = summarize(run.traces, run.wall_s)
+            results.append(PointResult(base_url, shape, run.traces, summary))
     return results

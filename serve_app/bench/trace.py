@@ -1,4 +1,4 @@
-"""Raw measurements of one request, as the client saw them."""
+"""Raw measurements of one request, as its client saw them: over HTTP or in process."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class RequestTrace:
     """Everything measured about one request; ``status`` is ``"200"`` only for a success."""
 
     start: float  # seconds since the sweep point began
-    input_len: int  # requested prompt length, in words
+    input_len: int  # requested prompt length: words over HTTP, token ids in process
     max_tokens: int
     status: str = OK
     error: str | None = None
@@ -32,6 +32,11 @@ class RequestTrace:
     token_source: TokenSource = "chunks"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None  # exact count from the final usage chunk
+
+    def record(self, t: float, tokens: int = 1) -> None:
+        """Note ``tokens`` that arrived ``t`` s after the send; an in-process request ends there."""
+        self.chunks.append(ChunkEvent(t=t, tokens=tokens))
+        self.e2e = t
 
     @property
     def ok(self) -> bool:

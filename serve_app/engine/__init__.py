@@ -1,14 +1,18 @@
-"""Continuous-batching generation over ONNX Runtime; knows nothing of Ray or HTTP."""
+"""Continuous-batching generation over an injected decoder; knows nothing of Ray or HTTP.
 
-from serve_app.engine.async_engine import AsyncLLMEngine, GenerationRequest
+Build it as ``LLMEngine(config, load_decoder(config))``; the backends live in ``backends/``.
+"""
+
+from serve_app.engine.async_engine import AsyncLLMEngine, GenerationRequest, SubmittedBatch
+from serve_app.engine.backends import load_decoder
 from serve_app.engine.config import EngineConfig, EngineOptions, ExecutionProvider
+from serve_app.engine.decoder import Decoder
 from serve_app.engine.engine import LLMEngine
 from serve_app.engine.errors import (
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidRequestError,
-    InvalidSamplingParamsError,
 )
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
 from serve_app.engine.sampling_params import SamplingParams
@@ -17,6 +21,7 @@ from serve_app.engine.stats import StepStats
 
 __all__ = [
     "AsyncLLMEngine",
+    "Decoder",
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
@@ -26,12 +31,13 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "InvalidRequestError",
-    "InvalidSamplingParamsError",
     "LLMEngine",
     "ModelConfig",
     "ModelLoadError",
     "SamplingParams",
     "SequenceOutput",
     "StepStats",
+    "SubmittedBatch",
     "TokenLogprob",
+    "load_decoder",
 ]

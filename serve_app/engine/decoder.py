@@ -2,7 +2,8 @@
 
 Tensors that stay on the model's device (the KV cache) are ``onnxruntime.OrtValue``s whatever
 the backend, so the batch bookkeeping in ``kv_cache.py`` works the same on CPU and GPU. Only
-token ids, masks and positions go in from the host, and only last-position logits come back.
+token ids, masks and positions go in from the host, and only last-position logits come back
+(every position's when a prefill scores its prompt).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from serve_app.engine.device import Device
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -30,6 +30,7 @@ class ForwardResult:
 
     logits: np.ndarray  # [batch, vocab] float32 on the host, at each row's last input position
     present: list[ort.OrtValue]  # on the model's device, in past-input order
+    all_logits: np.ndarray | None = None  # [batch, tokens, vocab] float32, when asked for
 
 
 class TensorOps(Protocol):
@@ -53,13 +54,15 @@ class TensorOps(Protocol):
         """``logits[:, -1, :]`` as float32 on the host: the only rows sampling needs."""
         ...
 
+    def all_logits(self, logits: ort.OrtValue) -> np.ndarray:
+        """Every position's logits as float32 on the host, for prompt logprobs."""
+        ...
+
 
 class Decoder(Protocol):
-    """A loaded model on one device, as the engine drives it."""
+    """A loaded model on one device, as the engine drives it; ``backends/`` holds the real ones."""
 
     config: ModelConfig
-    io: ModelIO
-    device: Device
     ops: TensorOps
 
     def forward(
@@ -68,8 +71,11 @@ class Decoder(Protocol):
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         past: list[ort.OrtValue],
+        *,
+        all_positions: bool = False,
     ) -> ForwardResult:
-        """Run the model over ``input_ids`` given the cache ``past``."""
+        """Run the model over ``input_ids`` given the cache ``past``; ``all_positions`` also
+        returns every input position's logits."""
         ...
 
     def describe(self) -> str:

@@ -7,15 +7,16 @@ they finish or are aborted, freeing their rows of the KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
-from serve_app.engine.backends import load_decoder
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.decoder import Decoder
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
-from serve_app.engine.sampler import Sampler
+from serve_app.engine.sampler import Sampler, prompt_logprobs
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler
 from serve_app.engine.sequence import FinishReason, Sequence, SequenceOutput, TokenLogprob
@@ -23,12 +24,13 @@ from serve_app.engine.stats import StepStats
 
 
 class LLMEngine:
-    """Synchronous engine; callers drive it with ``add_request``, ``abort`` and ``step``."""
+    """Synchronous engine over an injected decoder; callers drive it with ``add_request``,
+    ``abort`` and ``step``."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, decoder: Decoder) -> None:
         self.config = config
-        self.model = load_decoder(config)
-        self.model_config = self.model.config
+        self.decoder = decoder
+        self.model_config = decoder.config
         self.scheduler = Scheduler(
             config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens
         )
@@ -63,41 +65,36 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        """Queue a sequence; raises ``InvalidRequestError`` if it can never run."""
+        """Queue a request; raises ``InvalidRequestError`` or ``EngineOverloadedError``."""
         if request_id in self._live_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        self.check_capacity()
-        self.enqueue(self.new_sequence(request_id, prompt_token_ids, params))
+        sequence = self.new_sequence(request_id, prompt_token_ids, params, ahead=self.num_waiting)
+        self.enqueue(sequence)
 
     def new_sequence(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        ahead: int,
     ) -> Sequence:
-        """Validate a request against this model and budget; raises ``InvalidRequestError``."""
-        context = self.model_config.context_length
-        vocab = self.model_config.vocab_size
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if len(prompt_token_ids) >= context:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
-                f"{context}, which must also hold at least one generated token",
-                "prompt",
+        """The one place a request becomes a sequence, checked against the waiting-queue bound
+        (``ahead`` sequences already wait), this model and the KV-cache budget.
+
+        Raises ``EngineOverloadedError``, or ``InvalidRequestError`` naming the parameter at
+        fault. The sequence is not queued: ``enqueue`` does that, on the engine's thread.
+        """
+        if ahead >= self.config.max_waiting_seqs:
+            raise EngineOverloadedError(
+                f"the engine's waiting queue is full ({self.config.max_waiting_seqs} sequences)"
             )
-        if len(prompt_token_ids) > self.config.max_prefill_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this deployment prefills at "
-                f"most {self.config.max_prefill_tokens} (engine.max_prefill_tokens)",
-                "prompt",
-            )
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if any(token_id >= vocab for token_id in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        max_length = self._checked_max_length(prompt_token_ids, params)
         sequence = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
-            max_length=min(len(prompt_token_ids) + params.max_tokens, context),
+            max_length=max_length,
             rng=self._rng_for(params),
         )
         if not self.scheduler.fits_alone(sequence):
@@ -108,15 +105,8 @@ class LLMEngine:
             )
         return sequence
 
-    def check_capacity(self, pending: int = 0) -> None:
-        """Raise ``EngineOverloadedError`` if the waiting queue (plus ``pending``) is full."""
-        if self.num_waiting + pending >= self.config.max_waiting_seqs:
-            raise EngineOverloadedError(
-                f"the engine's waiting queue is full ({self.config.max_waiting_seqs} sequences)"
-            )
-
     def enqueue(self, sequence: Sequence) -> None:
-        """Queue a validated sequence for admission."""
+        """Queue a sequence made by ``new_sequence`` for admission."""
         self.scheduler.add(sequence)
         self._live_ids.add(sequence.request_id)
 
@@ -145,6 +135,42 @@ class LLMEngine:
         self._live_ids.difference_update(o.request_id for o in outputs if o.finished)
         return outputs
 
+    def _checked_max_length(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Prompt plus the most tokens to generate; raises ``InvalidRequestError`` if the
+        request does not fit this model and deployment."""
+        context = self.model_config.context_length
+        vocab = self.model_config.vocab_size
+        num_prompt = len(prompt_token_ids)
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
+            raise InvalidRequestError(
+                "max_tokens may be 0 only when the prompt's logprobs are asked for", "max_tokens"
+            )
+        if num_prompt > context or (num_prompt == context and params.max_tokens > 0):
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens; this model's context length is "
+                f"{context}, which must also hold at least one generated token",
+                "prompt",
+            )
+        if num_prompt > self.config.max_prefill_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens; this deployment prefills at "
+                f"most {self.config.max_prefill_tokens} (engine.max_prefill_tokens)",
+                "prompt",
+            )
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if any(not 0 <= token_id < vocab for token_id in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        if num_prompt + params.max_tokens > context and not params.fit_to_context:
+            raise InvalidRequestError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({num_prompt} tokens) "
+                f"exceeds this model's context length of {context} tokens",
+                "max_tokens",
+            )
+        return min(num_prompt + params.max_tokens, context)
+
     def _rng_for(self, params: SamplingParams) -> np.random.Generator:
         if params.seed is not None:
             return np.random.default_rng(params.seed)
@@ -170,7 +196,7 @@ class LLMEngine:
         input_ids = np.array([[s.last_token_id] for s in self.running], dtype=np.int64)
         positions = np.array([[s.length - 1] for s in self.running], dtype=np.int64)
         mask = self.cache.decode_mask()
-        result = self.model.forward(input_ids, mask, positions, self.cache.values)
+        result = self.decoder.forward(input_ids, mask, positions, self.cache.values)
         self.cache.advance(result.present, mask)
         outputs = self._append_tokens(self.running, result.logits)
         self._release_finished()
@@ -184,14 +210,45 @@ class LLMEngine:
             input_ids[row, pad_to - seq.num_prompt_tokens :] = seq.prompt_token_ids
             mask[row, pad_to - seq.num_prompt_tokens :] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
-        result = self.model.forward(
-            input_ids, mask, positions, self.model.ops.empty(len(newcomers))
+        scoring = any(s.params.prompt_logprobs is not None for s in newcomers)
+        result = self.decoder.forward(
+            input_ids,
+            mask,
+            positions,
+            self.decoder.ops.empty(len(newcomers)),
+            all_positions=scoring,
         )
-        outputs = self._append_tokens(newcomers, result.logits)
-        joined = BatchKVCache(result.present, mask, self.model.ops)
+        outputs = self._prefill_outputs(newcomers, result.logits, result.all_logits)
+        joined = BatchKVCache(result.present, mask, self.decoder.ops)
         self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
         self.running.extend(newcomers)
         self._release_finished()
+        return outputs
+
+    def _prefill_outputs(
+        self, newcomers: list[Sequence], logits: np.ndarray, all_logits: np.ndarray | None
+    ) -> list[SequenceOutput]:
+        """The first token of each newcomer, with its prompt's logprobs where asked; one that
+        asked for no tokens (``max_tokens`` 0) only has its prompt scored and finishes."""
+        scored: list[tuple[TokenLogprob | None, ...] | None] = []
+        for row, seq in enumerate(newcomers):
+            n_top = seq.params.prompt_logprobs
+            if n_top is None:
+                scored.append(None)
+                continue
+            assert all_logits is not None, "the decoder ignored all_positions"
+            prompt_logits = all_logits[row, all_logits.shape[1] - seq.num_prompt_tokens :]
+            scored.append(prompt_logprobs(prompt_logits, seq.prompt_token_ids, n_top))
+        generating = [row for row, s in enumerate(newcomers) if s.params.max_tokens > 0]
+        sampled = iter(self._append_tokens([newcomers[r] for r in generating], logits[generating]))
+        outputs = []
+        for seq, prompt in zip(newcomers, scored, strict=True):
+            if seq.params.max_tokens > 0:
+                output = next(sampled)
+            else:
+                seq.finish_reason = FinishReason.LENGTH
+                output = self._output(seq, ())
+            outputs.append(dataclasses.replace(output, prompt_logprobs=prompt))
         return outputs
 
     def _append_tokens(self, sequences: list[Sequence], logits: np.ndarray) -> list[SequenceOutput]:

@@ -18,10 +18,6 @@ class InvalidRequestError(EngineError, ValueError):
         self.param = param
 
 
-class InvalidSamplingParamsError(InvalidRequestError):
-    """A sampling parameter is out of range or inconsistent with another one."""
-
-
 class EngineOverloadedError(EngineError):
     """The waiting queue is full; the request was refused at once and may be retried."""
 

@@ -19,6 +19,10 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+# transformers writes 1e30 (int(1e30)) as model_max_length when a tokenizer has no limit.
+_UNSET_MAX_LENGTH = 10**12
+
+
 class ModelLoadError(EngineError):
     """The model directory is missing files or describes a model the engine cannot run."""
 
@@ -61,12 +65,35 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=int(head_dim),
             vocab_size=int(config["vocab_size"]),
-            context_length=_lookup(config, "context_length"),
+            context_length=_context_length(config, model_dir),
             eos_token_ids=eos_ids,
             bos_token_id=None if bos is None else int(bos),
             pad_token_id=int(pad[0] if isinstance(pad, list) else pad),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
+
+
+def _context_length(config: dict[str, Any], model_dir: Path) -> int:
+    """The longest sequence the model takes: config.json's, else the tokenizer's limit.
+
+    ALiBi models (Bloom) name none in config.json; ``python -m serve_app.tools export
+    --context-length N`` writes one, and a ``model_max_length`` in ``tokenizer_config.json``
+    serves too (transformers' "unset" sentinel, 1e30, does not count).
+    """
+    for key in _ALIASES["context_length"]:
+        if config.get(key) is not None:
+            return int(config[key])
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
+    limit = tokenizer_config.get("model_max_length")
+    if isinstance(limit, int) and 0 < limit < _UNSET_MAX_LENGTH:
+        return limit
+    raise ModelLoadError(
+        f"{model_dir / 'config.json'} gives no context length (looked for "
+        f"{', '.join(_ALIASES['context_length'])}, and model_max_length in "
+        'tokenizer_config.json); add "max_position_embeddings": N with the longest sequence '
+        "the model was trained on, or export with python -m serve_app.tools export "
+        "--context-length N"
+    )
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any]:

@@ -144,11 +144,34 @@ def _logprobs(
             records.append(None)
             continue
         logprobs = _log_softmax(raw_logits[row])
-        top: tuple[tuple[int, float], ...] = ()
-        if n_top:
-            best = np.argpartition(-logprobs, n_top - 1)[:n_top]
-            best = best[np.argsort(-logprobs[best], kind="stable")]
-            top = tuple((int(i), float(logprobs[i])) for i in best)
         token = int(token_ids[row])
-        records.append(TokenLogprob(token, float(logprobs[token]), top))
+        records.append(TokenLogprob(token, float(logprobs[token]), _top(logprobs, n_top)))
     return records
+
+
+def prompt_logprobs(
+    logits: np.ndarray, token_ids: list[int], n_top: int
+) -> tuple[TokenLogprob | None, ...]:
+    """Each prompt token's logprob given the tokens before it, under the model's distribution.
+
+    ``logits`` ([len(token_ids), vocab]) are the model's at each prompt position; position
+    ``i`` predicts token ``i + 1``, so the first token has no record (``None``).
+    """
+    logprobs = _log_softmax(logits[:-1].astype(np.float32, copy=False))
+    targets = np.asarray(token_ids[1:], dtype=np.int64)
+    chosen = logprobs[np.arange(targets.size), targets]
+    ranks = (logprobs > chosen[:, None]).sum(axis=1) + 1
+    records: list[TokenLogprob | None] = [None]
+    for position, token in enumerate(targets.tolist()):
+        top = _top(logprobs[position], n_top)
+        records.append(TokenLogprob(token, float(chosen[position]), top, rank=int(ranks[position])))
+    return tuple(records)
+
+
+def _top(logprobs: np.ndarray, n_top: int) -> tuple[tuple[int, float], ...]:
+    """The ``n_top`` most likely tokens of one position, most likely first."""
+    if not n_top:
+        return ()
+    best = np.argpartition(-logprobs, n_top - 1)[:n_top]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return tuple((int(i), float(logprobs[i])) for i in best)

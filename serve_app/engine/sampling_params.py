@@ -1,10 +1,13 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters.
+
+Their ranges are checked once, by the request models at the HTTP tier; whether a request fits
+this model (context length, vocabulary, KV budget) is checked once, by the engine, when it
+creates the sequence.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from serve_app.engine.errors import InvalidSamplingParamsError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
@@ -16,7 +19,11 @@ class SamplingParams:
     ``temperature == 0`` means greedy decoding; every other filter then has no effect.
     ``top_k == 0`` and ``top_p == 1`` disable those filters. ``logprobs`` is the number of
     top alternatives to return per token (``0``: only the sampled token's logprob,
-    ``None``: no logprobs at all).
+    ``None``: no logprobs at all). ``prompt_logprobs`` asks the same of every prompt token
+    given the tokens before it (the first has none); with it, ``max_tokens`` may be 0: the
+    prompt is scored and nothing generated. ``fit_to_context``: a ``max_tokens`` that the
+    context cannot hold is shortened to the room left instead of refused (for chat requests
+    that gave no ``max_tokens``).
     """
 
     max_tokens: int = 16
@@ -30,42 +37,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
-        _check(
-            self.min_tokens <= self.max_tokens,
-            "min_tokens",
-            f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
-        )
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
-        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
-        _check(
-            self.repetition_penalty > 0,
-            "repetition_penalty",
-            f"must be > 0, got {self.repetition_penalty}",
-        )
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
-        if self.seed is not None:
-            _check(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
-        if self.logprobs is not None:
-            _check(
-                0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-                "logprobs",
-                f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}",
-            )
-        _check(
-            all(token_id >= 0 for token_id in self.stop_token_ids),
-            "stop_token_ids",
-            "token ids must be >= 0",
-        )
+    fit_to_context: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -80,8 +55,3 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
-
-
-def _check(condition: bool, param: str, problem: str) -> None:
-    if not condition:
-        raise InvalidSamplingParamsError(f"{param} {problem}", param=param)

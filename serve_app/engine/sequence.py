@@ -21,11 +21,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Log-probability of one generated token and the top alternatives at its position."""
+    """Log-probability of one token and the top alternatives at its position; ``rank`` (1 for
+    the most likely token) is reported for prompt tokens."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class SequenceOutput:
     """What one engine step produced for one sequence.
 
     ``new_token_ids`` holds the token(s) produced this step (empty when the sequence was
-    aborted); ``finish_reason`` is set on the sequence's last output.
+    aborted); ``finish_reason`` is set on the sequence's last output. ``prompt_logprobs``, when
+    the sequence asked for them, comes with its first output: one record per prompt token, the
+    first ``None`` (nothing precedes it).
     """
 
     request_id: str
@@ -42,6 +46,7 @@ class SequenceOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

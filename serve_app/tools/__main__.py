@@ -38,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse `argv` and run the command; bad input exits with status 2 and a one-line reason."""
+    """Parse `argv` and run the command; bad input exits with status 2 and a one-line reason.
+
+    A failed export (tracing, or the self-check against torch) exits with status 1 and its
+    reason, not a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except ModelDirError as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except export.ExportError as error:
+        parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

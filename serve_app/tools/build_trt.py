@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from serve_app.engine.config import EngineConfig, EngineOptions
-from serve_app.engine.device import resolve_device
-from serve_app.engine.errors import EngineError
-from serve_app.engine.tensorrt_build import (
+from serve_app.engine.backends.device import resolve_device
+from serve_app.engine.backends.tensorrt_build import (
     deployment_profiles,
     ensure_engine,
     import_cudart,
     import_tensorrt,
     read_model,
 )
+from serve_app.engine.config import EngineConfig, EngineOptions
+from serve_app.engine.errors import EngineError
 from serve_app.tools.model_dir import REQUIRED_FILES, check_input_dir
 
 

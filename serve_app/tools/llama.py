@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from serve_app.tools.onnx_export import (
@@ -356,17 +356,6 @@ def save_hf_checkpoint(
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     write_config(config, out_dir)
     write_generation_config(config, out_dir, eos_token_ids)
-
-
-def load_hf_checkpoint(hf_dir: Path) -> tuple[LlamaDecoder, DecoderConfig]:
-    """Load a single-file Hugging Face Llama checkpoint into `LlamaDecoder`."""
-    config = DecoderConfig.from_hf_dict(json.loads((hf_dir / "config.json").read_text()))
-    state = load_file(str(hf_dir / "model.safetensors"))
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model = LlamaDecoder(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), config
 
 
 def compare_with_transformers(model: LlamaDecoder, hf_dir: Path, seed: int = 0) -> float:

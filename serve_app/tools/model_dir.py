@@ -10,7 +10,14 @@ import onnx
 ONNX_FILE = "model.onnx"
 # What the engine and tokenizer read besides the graph; generation_config.json is optional there.
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-OPTIONAL_FILES = ("generation_config.json", "special_tokens_map.json")
+OPTIONAL_FILES = (
+    "generation_config.json",
+    "special_tokens_map.json",
+    # Where transformers >= 4.47 and Optimum save the chat template (see text/chat_template.py).
+    "chat_template.jinja",
+    "chat_template.json",
+)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, NAME.jinja
 _PROTOBUF_LIMIT = 2**31 - 1  # one .onnx file cannot hold more; larger weights go to .onnx.data
 
 
@@ -36,10 +43,12 @@ def check_output_dir(out_dir: Path, input_dir: Path) -> None:
 
 
 def copy_served_files(src: Path, dst: Path) -> None:
-    """Copy the config and tokenizer files `src` has from `src` to `dst`."""
+    """Copy the config, tokenizer and chat template files `src` has from `src` to `dst`."""
     for name in REQUIRED_FILES + OPTIONAL_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+    if (src / CHAT_TEMPLATE_DIR).is_dir():
+        shutil.copytree(src / CHAT_TEMPLATE_DIR, dst / CHAT_TEMPLATE_DIR, dirs_exist_ok=True)
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

@@ -8,8 +8,11 @@ the repository's own `LlamaDecoder`, and any transformers causal LM through `HFD
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 ONNX_OPSET = 17
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -30,7 +33,10 @@ class Decoder(Protocol):
     """A causal LM called as ``(input_ids, attention_mask, position_ids, past)``.
 
     ``attention_mask`` covers past and new tokens; ``past`` (None: no cache) and the returned
-    presents hold one (key, value) pair per layer, each [batch, kv_heads, length, head_dim].
+    presents hold one (key, value) pair per layer, each [batch, kv_heads, length, head_dim]:
+    the whole sequence, never cut to a sliding window (the mask applies the window). A decoder
+    with a sliding window says so in an ``attention_window`` attribute, so the self-check runs
+    past it. Models that ignore ``position_ids`` (ALiBi) export without that input.
     """
 
     def __call__(
@@ -83,11 +89,33 @@ class HFDecoder(nn.Module):
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window of the model's local-attention layers; None if it has none."""
+        config = self.model.config.get_text_config(decoder=True)
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None  # e.g. Qwen2 with use_sliding_window false still names a window
+        if getattr(config, "use_sliding_window", True) is False:
+            return None
+        return int(window) if window else None
+
     @classmethod
     def from_pretrained(cls, checkpoint_dir: Path) -> HFDecoder:
-        """Load a checkpoint in fp32 with eager attention, whose masking traces to plain ops."""
+        """Load a checkpoint in fp32 with eager attention, whose masking traces to plain ops.
+
+        Falcon with ALiBi is the exception: transformers 5's eager path adds the ALiBi bias twice
+        (once itself, once inside the mask it is given), so it disagrees with the SDPA path that
+        transformers uses by default and that matches the original model. Its SDPA path always
+        gets a materialised mask, so it traces to plain ops too.
+        """
+        config = AutoConfig.from_pretrained(checkpoint_dir)
+        falcon_alibi = config.model_type == "falcon" and getattr(config, "alibi", False)
         model = AutoModelForCausalLM.from_pretrained(
-            checkpoint_dir, attn_implementation="eager", dtype=torch.float32
+            checkpoint_dir,
+            attn_implementation="sdpa" if falcon_alibi else "eager",
+            dtype=torch.float32,
         )
         return cls(model).eval()
 
@@ -100,18 +128,73 @@ class HFDecoder(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits for every position and the cache extended by `input_ids`."""
         # Any: transformers types its layers as a union that includes kinds without keys and
-        # values (linear attention), which this layout cannot hold anyway.
-        cache: Any = DynamicCache(past, config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_arg: cache},
-        )
+        # values (linear attention), which this layout cannot hold anyway. No config, so every
+        # layer is a full DynamicLayer: given the config, transformers makes sliding-window layers
+        # that cut the cache to the window, and a left-padded row's window would then depend on its
+        # batch mates' lengths. The window is still applied, by the attention mask, which
+        # transformers builds from the config's sliding_window whatever the cache.
+        cache: Any = DynamicCache(past) if past else DynamicCache()
+        with _traceable_alibi() if torch.jit.is_tracing() else contextlib.nullcontext():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            )
         # The cache is updated in place, so its layers are the presents whatever the
         # output field is called in this transformers version.
         return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@contextlib.contextmanager
+def _traceable_alibi() -> Iterator[None]:
+    """Swap Falcon's ALiBi builder for one the ONNX tracer types correctly, while tracing.
+
+    Falcon multiplies bfloat16 slopes by int64 positions, which the tracer exports as a
+    complex128 Mul that onnxruntime rejects. The swap computes the same bfloat16-rounded values
+    with float32 arithmetic: a product of two bfloat16 numbers is exact in float32, so rounding
+    it to bfloat16 once, as torch's bfloat16 Mul does, gives identical biases.
+    """
+    from transformers.models.falcon import modeling_falcon
+
+    original = modeling_falcon.build_alibi_tensor
+
+    def build_alibi_tensor(
+        attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        batch_size, seq_length = attention_mask.shape
+        slopes = torch.tensor(_alibi_slopes(num_heads), dtype=torch.float32)
+        positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+
+        def bf16(x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.bfloat16).to(torch.float32)
+
+        alibi = bf16(bf16(slopes)[..., None] * bf16(positions.to(torch.float32)))
+        return alibi.reshape(batch_size * num_heads, 1, seq_length).to(dtype)
+
+    modeling_falcon.build_alibi_tensor = build_alibi_tensor
+    try:
+        yield
+    finally:
+        modeling_falcon.build_alibi_tensor = original
+
+
+def _alibi_slopes(num_heads: int) -> list[float]:
+    """The per-head ALiBi slopes of Falcon and Bloom, as float32 values."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+
+    def powers(base_exponent: float, exponents: torch.Tensor) -> list[float]:
+        base = torch.tensor(2 ** (-(2 ** -(base_exponent - 3))), dtype=torch.float32)
+        return torch.pow(base, exponents).tolist()
+
+    slopes = powers(math.log2(closest), torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra = min(closest, num_heads - closest)
+        slopes += powers(
+            math.log2(2 * closest), torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32)
+        )
+    return slopes
 
 
 class _FlatDecoder(nn.Module):
@@ -185,18 +268,23 @@ def verify_decoder_with_past(
     """Check the graph at `onnx_path` against torch; returns the max abs logit diff per check.
 
     (a) prefill logits equal torch's; (b) prefill then one cached decode step equals torch's full
-    forward; (c) a left-padded batch equals each prompt run alone. A diff passes when it is at
-    most `tolerance` times the largest logit (at least 1), so large models are held to the same
-    relative precision as small ones. Raises RuntimeError on a mismatch or on any non-finite
-    output (pad positions included). fp16 graphs are fed fp16 caches.
+    forward; (c) a left-padded batch, prefill and one decode step, equals each prompt run alone.
+    The prompts are longer than the decoder's sliding window, if it has one, so the window is
+    checked too. A diff passes when it is at most `tolerance` times the largest logit (at least
+    1), so large models are held to the same relative precision as small ones. Raises
+    RuntimeError on a mismatch or on any non-finite output (pad positions included). fp16 graphs
+    are fed fp16 caches; inputs the graph lacks (``position_ids`` under ALiBi) are not fed.
     """
     decoder.eval()
     geometry = KVGeometry.probe(decoder)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in session.get_inputs()}
     past_names = geometry.past_names()
     kv_dtype = _ORT_FLOATS[next(i.type for i in session.get_inputs() if i.name == past_names[0])]
+    window = getattr(decoder, "attention_window", None)
+    length = max(9, window + 3) if window else 9
     generator = torch.Generator().manual_seed(1234)
-    tokens = torch.randint(0, geometry.vocab_size, (2, 9), generator=generator)
+    tokens = torch.randint(0, geometry.vocab_size, (2, length), generator=generator)
 
     def run(
         input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[np.ndarray] | None = None
@@ -212,6 +300,7 @@ def verify_decoder_with_past(
             "position_ids": positions.numpy(),
             **dict(zip(past_names, past, strict=True)),
         }
+        feeds = {name: value for name, value in feeds.items() if name in graph_inputs}
         logits, *presents = session.run(None, feeds)
         if not all(np.isfinite(out).all() for out in (logits, *presents)):
             raise RuntimeError("ONNX self-check failed: non-finite logits or present K/V")
@@ -224,19 +313,26 @@ def verify_decoder_with_past(
     onnx_logits, _ = run(tokens, ones)
     diffs = {"prefill_vs_torch": float(np.abs(onnx_logits - reference).max())}
 
-    _, present = run(tokens[:, :8], ones[:, :8])
-    step_logits, _ = run(tokens[:, 8:], ones, present)
+    _, present = run(tokens[:, :-1], ones[:, :-1])
+    step_logits, _ = run(tokens[:, -1:], ones, present)
     diffs["decode_vs_full"] = float(np.abs(step_logits[:, -1] - reference[:, -1]).max())
 
-    long, short = tokens[0, :7], tokens[1, :4]
-    batch_ids = torch.stack([long, torch.cat([torch.zeros(3, dtype=torch.int64), short])])
-    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
-    batch_logits, _ = run(batch_ids, mask)
-    alone_long, _ = run(long[None], ones[:1, :7])
-    alone_short, _ = run(short[None], ones[:1, :4])
+    # Row 0 is longer than the window; row 1 is short and left-padded to row 0's length.
+    long, short, pads = tokens[0, : length - 2], tokens[1, :4], length - 6
+    batch_ids = torch.stack([long, torch.cat([torch.zeros(pads, dtype=torch.int64), short])])
+    mask = torch.tensor([[1] * (length - 2), [0] * pads + [1] * 4])
+    batch_logits, batch_present = run(batch_ids, mask)
+    alone_long, long_present = run(long[None], ones[:1, : length - 2])
+    alone_short, short_present = run(short[None], ones[:1, :4])
+    next_ids = tokens[:, -2:-1]
+    batch_step, _ = run(next_ids, torch.cat([mask, ones[:, :1]], dim=1), batch_present)
+    long_step, _ = run(next_ids[:1], ones[:1, : length - 1], long_present)
+    short_step, _ = run(next_ids[1:], ones[:1, :5], short_present)
     diffs["left_padded_batch"] = max(
         float(np.abs(batch_logits[0] - alone_long[0]).max()),
-        float(np.abs(batch_logits[1, 3:] - alone_short[0]).max()),
+        float(np.abs(batch_logits[1, pads:] - alone_short[0]).max()),
+        float(np.abs(batch_step[0] - long_step[0]).max()),
+        float(np.abs(batch_step[1] - short_step[0]).max()),
     )
     for name, diff in diffs.items():
         if not diff <= tolerance * scale:

@@ -44,15 +44,15 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
         ("POST", "/v1/infer"),
         ("GET", "/metrics"),
         ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("POST", "/tokenize"),
     ],
 )
 def test_every_route_but_health_needs_a_key(client: httpx.Client, method: str, path: str) -> None:
     response = client.request(method, path, json=REQUEST)
-    if path == "/docs":  # no interactive docs: they would bypass the key check
-        assert response.status_code == 404
-        return
     error = assert_openai_error(response, 401)
     assert error["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
     wrong = client.request(method, path, json=REQUEST, headers={"Authorization": "Bearer nope"})
     assert_openai_error(wrong, 401)
 
@@ -61,6 +61,14 @@ def test_health_is_open_and_a_valid_key_is_served(client: httpx.Client) -> None:
     assert client.get("/health").status_code == 200
     response = client.post("/v1/completions", json=REQUEST, headers=ALICE)
     assert response.status_code == 200, response.text
+
+
+def test_with_a_key_the_docs_are_served(client: httpx.Client) -> None:
+    document = client.get("/openapi.json", headers=ALICE)
+    page = client.get("/docs", headers=ALICE)
+
+    assert document.status_code == 200 and "/v1/completions" in document.json()["paths"]
+    assert page.status_code == 200 and '"/v1/completions"' in page.text
 
 
 def test_requests_per_minute_limit_answers_429_with_retry_after(client: httpx.Client) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -12,14 +11,6 @@ from ray import serve
 
 from tests.e2e.conftest import APP_NAME
 
-# Replicas and handles report queue lengths every 0.2 s instead of every few seconds; Ray
-# workers inherit the environment of the driver that starts the cluster.
-for _variable in (
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-):
-    os.environ.setdefault(_variable, "0.2")
-
 MODEL_OPTIONS = {
     "autoscaling_config": {
         "min_replicas": 1,
@@ -27,7 +18,7 @@ MODEL_OPTIONS = {
         "target_ongoing_requests": 1,  # micro-batch streams in flight per replica
         "upscale_delay_s": 0.5,
         "downscale_delay_s": 2,
-        "metrics_interval_s": 0.2,  # deprecated in favour of the variables above, still honoured
+        "metrics_interval_s": 0.2,  # deprecated (see FAST_AUTOSCALING_METRICS), still honoured
         "look_back_period_s": 1,
     },
     "ray_actor_options": {"num_cpus": 0},

@@ -16,8 +16,8 @@ DRIVER = textwrap.dedent(
     import time
     import ray
     from ray import serve
-    from serve_app.errors import ApiError
-    from serve_app.protocol import ChatCompletionRequest, CompletionRequest
+    from serve_app.api.errors import ApiError
+    from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
 
     ray.init(address="auto", namespace="serve")
     handle = serve.get_app_handle("llm")

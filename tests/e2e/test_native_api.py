@@ -6,10 +6,11 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import httpx
 
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.tokenizer import Tokenizer
 from tests.e2e.conftest import scrape, settled_metric, wait_for_metric
 
 HITS = "ray_serve_app_response_cache_hits_total"
@@ -25,9 +26,9 @@ def test_infer_returns_text_tokens_and_usage(client: httpx.Client, tokenizer: To
     response = client.post("/v1/infer", json={"prompt": "The class statement", "max_tokens": 10})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["error"] is None
-    assert body["text"] == tokenizer.decode(body["tokens"])
-    assert body["usage"]["completion_tokens"] == len(body["tokens"])
+    assert "error" not in body
+    assert body["text"] == tokenizer.decode(body["token_ids"])
+    assert body["usage"]["completion_tokens"] == body["tokens"] == len(body["token_ids"])
     assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("The class statement"))
     assert body["finish_reason"] in ("stop", "length")
     assert body["latency"] > 0
@@ -41,14 +42,14 @@ def test_batch_infer_keeps_good_items_when_one_is_bad(client: httpx.Client) -> N
         {"prompt": "word " * 3000},
         {"prompt": "while", "max_tokens": 5, "stop_words": ["\n"]},
     ]
-    response = client.post("/v1/batch_infer", json={"requests": requests})
+    response = client.post("/v1/batch_infer", json=requests)
     assert response.status_code == 200, response.text
-    results = response.json()["results"]
+    results = response.json()
     assert len(results) == 5
-    assert [r["error"] is None for r in results] == [True, False, False, False, True]
-    assert results[1]["error"]["param"] == "prompt"
-    assert results[2]["error"]["param"] == "max_tokens"
-    assert "context length" in results[3]["error"]["message"]
+    assert ["error" not in r for r in results] == [True, False, False, False, True]
+    assert results[1]["error_detail"]["param"] == "prompt"
+    assert results[2]["error_detail"]["param"] == "max_tokens"
+    assert "context length" in results[3]["error"]
     assert results[0]["tokens"] and results[4]["usage"]["completion_tokens"] >= 1
 
 
@@ -58,10 +59,11 @@ def test_stream_infer_streams_then_ends_with_done(client: httpx.Client) -> None:
     with client.stream("POST", "/v1/stream_infer", json=request) as response:
         assert response.status_code == 200
         events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
+    events = [e for e in events if not e.startswith(":")]  # keep-alive comments
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["text"] for c in chunks) == unary["text"]
-    assert [t for c in chunks for t in c["tokens"]] == unary["tokens"]
+    assert [t for c in chunks for t in c["token_ids"]] == unary["token_ids"]
     assert chunks[-1]["finish_reason"] == unary["finish_reason"]
     assert chunks[-1]["usage"] == unary["usage"]
 
@@ -72,9 +74,9 @@ def test_model_info_health_and_models(client: httpx.Client) -> None:
     assert info["type"] == "llama"
     assert "onnxruntime" in info["backend"]
     assert info["parameters"] > 100_000
-    assert info["context_length"] > 0
+    assert info["max_tokens"] == info["context_length"] > 0
     assert info["version"]
-    assert info["loaded_at"] <= time.time()
+    assert datetime.fromisoformat(info["created_at"]) <= datetime.now(UTC)
     assert client.get("/health").status_code == 200
     assert client.get("/v1/models").json()["data"][0]["id"] == "demo"
 
@@ -93,6 +95,15 @@ def test_deterministic_request_hits_the_cache_the_second_time(client: httpx.Clie
     assert second.json()["choices"] == first.json()["choices"]
     assert second.json()["usage"] == first.json()["usage"]
     assert wait_for_metric(client, HITS, hits_before + 1) == hits_before + 1
+
+
+def test_a_repeated_infer_request_is_answered_by_the_cache(client: httpx.Client) -> None:
+    request = {"prompt": "The nonlocal statement", "max_tokens": 6}  # greedy: cacheable
+    first = client.post("/v1/infer", json=request)
+    second = client.post("/v1/infer", json=request)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert second.json()["text"] == first.json()["text"]
+    assert second.json()["token_ids"] == first.json()["token_ids"]
 
 
 def test_sampled_request_never_hits_the_cache(client: httpx.Client) -> None:
@@ -182,7 +193,7 @@ def test_metrics_move_with_real_traffic(client: httpx.Client) -> None:
     returned = 0
     for prompt in ("The yield", "The global statement", "Return the"):
         body = {"prompt": prompt, "max_tokens": 7, "temperature": 0.9}  # sampled: never cached
-        returned += len(client.post("/v1/infer", json=body).json()["tokens"])
+        returned += client.post("/v1/infer", json=body).json()["tokens"]
     assert client.post("/v1/infer", json={"prompt": ""}).status_code == 400
 
     name = "ray_serve_app_generation_tokens_total"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.tokenizer import Tokenizer
 
 PROMPT = "The for statement is used to"
 MESSAGES = [{"role": "user", "content": "What does the return statement do?"}]
@@ -154,14 +154,14 @@ def test_sdk_sees_errors_as_api_errors(served_app: str) -> None:
         ("/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "temperature": 9}, "temperature"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "frobnicate": 1}, "frobnicate"),
-        ("/v1/completions", {"model": "demo", "prompt": "x", "echo": True}, None),
+        ("/v1/completions", {"model": "demo", "prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"prompt": "x"}, "model"),
         ("/v1/completions", {"model": "nope", "prompt": "x"}, "model"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 100_000}, "max_tokens"),
         ("/v1/completions", {"model": "demo", "prompt": "word " * 3000}, "prompt"),
         ("/v1/chat/completions", {"model": "demo", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "x"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"model": "demo", "messages": MESSAGES, "tools": [{}]}, None),
+        ("/v1/chat/completions", {"model": "demo", "messages": MESSAGES, "tools": [{}]}, "tools"),
     ],
 )
 def test_bad_input_is_a_4xx_in_openai_error_shape(

@@ -9,8 +9,10 @@ import pytest
 from ray import serve
 from ray.serve import Deployment
 
-from serve_app.auth import KeyLimits
-from serve_app.rate_limit import Decision, RateLimitClient, RateLimiter
+from serve_app.api.auth import KeyLimits
+from serve_app.clients.rate_limiter import RateLimitClient
+from serve_app.deployments.rate_limiter import RateLimiter
+from serve_app.stores.rate_buckets import Decision
 
 APP = "rate-test"
 LIMITER = cast(Deployment, RateLimiter)  # mypy ignores what a class decorator returns

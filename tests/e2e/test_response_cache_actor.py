@@ -10,15 +10,10 @@ from ray import serve
 from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache import (
-    CachedChoice,
-    CachedResponse,
-    CacheStats,
-    ResponseCache,
-    ResponseCacheClient,
-    ResponseCacheConfig,
-    cache_key,
-)
+from serve_app.clients.response_cache import ResponseCacheClient
+from serve_app.config import ResponseCacheConfig
+from serve_app.deployments.response_cache import ResponseCache
+from serve_app.stores.response_store import CachedChoice, CachedResponse, CacheStats, cache_key
 
 APP = "cache-test"
 CACHE = cast(Deployment, ResponseCache)  # mypy ignores what a class decorator returns

@@ -1,4 +1,7 @@
-"""The asyncio facade: streaming, per-step batch messages, cancellation and engine death."""
+"""The asyncio facade on the demo model: streaming, per-step batch messages, cancellation.
+
+The same facade over a fake decoder, with exact tokens, is in ``test_engine_fake_decoder.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +14,20 @@ import pytest
 from serve_app.engine import (
     AsyncLLMEngine,
     EngineConfig,
-    EngineDeadError,
     FinishReason,
     GenerationRequest,
     InvalidRequestError,
+    LLMEngine,
     SamplingParams,
+    load_decoder,
 )
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[AsyncLLMEngine]:
-    engine = AsyncLLMEngine(EngineConfig(model_path=model_dir, intra_op_num_threads=2))
+    config = EngineConfig(model_path=model_dir, intra_op_num_threads=2)
+    engine = AsyncLLMEngine(LLMEngine(config, load_decoder(config)))
     yield engine
     engine.shutdown()
 
@@ -56,7 +61,9 @@ def test_a_batch_stream_gets_one_message_per_step(
     ]
 
     async def collect() -> list[list[str]]:
-        return [[o.request_id for o in step] async for step in engine.generate_batch(requests)]
+        batch = engine.submit(requests)
+        assert batch.rejected == {}
+        return [[o.request_id for o in step] async for step in batch.outputs()]
 
     steps = asyncio.run(collect())
     assert len(steps) == 8  # the longest request decides how many steps there are
@@ -87,33 +94,22 @@ def test_closing_a_stream_aborts_its_sequence(engine: AsyncLLMEngine, tokenizer:
     assert engine.num_running == 0
 
 
-def test_invalid_requests_raise_before_anything_runs(engine: AsyncLLMEngine) -> None:
-    async def submit() -> None:
-        requests = [
-            GenerationRequest("ok", [1, 2, 3], params(4)),
-            GenerationRequest("bad", [], params(4)),
-        ]
-        async for _ in engine.generate_batch(requests):
-            pass
+def test_an_invalid_request_is_refused_and_the_rest_of_its_batch_runs(
+    engine: AsyncLLMEngine,
+) -> None:
+    requests = [
+        GenerationRequest("ok", [1, 2, 3], params(4)),
+        GenerationRequest("bad", [], params(4)),
+    ]
 
-    with pytest.raises(InvalidRequestError, match="empty"):
-        asyncio.run(submit())
+    async def submit() -> tuple[dict[str, object], list[str]]:
+        batch = engine.submit(requests)
+        finished = [o.request_id async for step in batch.outputs() for o in step if o.finished]
+        return dict(batch.rejected), finished
+
+    rejected, finished = asyncio.run(submit())
+    assert list(rejected) == ["bad"]
+    assert isinstance(rejected["bad"], InvalidRequestError)
+    assert "empty" in str(rejected["bad"])
+    assert finished == ["ok"]
     assert engine.num_waiting == 0
-
-
-def test_a_dead_engine_fails_streams_and_health(model_dir: Path) -> None:
-    engine = AsyncLLMEngine(EngineConfig(model_path=model_dir))
-
-    def broken_step() -> list[object]:
-        raise RuntimeError("device lost")
-
-    engine.engine.step = broken_step  # type: ignore[assignment,method-assign]
-
-    async def generate() -> None:
-        async for _ in engine.generate("x", [1, 2, 3], params(4)):
-            pass
-
-    with pytest.raises(EngineDeadError, match="device lost"):
-        asyncio.run(generate())
-    with pytest.raises(EngineDeadError):
-        engine.check_health()

@@ -14,11 +14,12 @@ import onnxruntime as ort
 import pytest
 
 from serve_app.engine import EngineConfig, LLMEngine
+from serve_app.engine.backends.device import Device
+from serve_app.engine.backends.device_ops import DeviceTensorOps
+from serve_app.engine.backends.host_ops import HostTensorOps
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
 from serve_app.engine.decoder import ModelIO
-from serve_app.engine.device import Device
-from serve_app.engine.device_ops import DeviceTensorOps
-from serve_app.engine.kv_cache import HostTensorOps
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.tokenizer import Tokenizer
 from tests.engine.test_engine import PROMPTS, greedy, tokens_of
 
 
@@ -82,12 +83,15 @@ def test_engine_on_the_device_path_generates_what_the_host_path_generates(
     """IOBinding runs and device ops, on CPU. Sequences join and leave mid-flight, so every
     op runs many times on real K/V."""
     config = EngineConfig(model_path=model_dir, intra_op_num_threads=2)
-    engines = {"host": LLMEngine(config), "device": LLMEngine(config)}
-    on_device = engines["device"].model
+    on_device = OnnxDecoder(config)
     on_device.ops, on_device.run = (
         DeviceTensorOps(on_device.io, Device("cpu")),
         on_device.run_on_device,
     )
+    engines = {
+        "host": LLMEngine(config, OnnxDecoder(config)),
+        "device": LLMEngine(config, on_device),
+    }
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     lengths = [30, 5, 24, 1, 16, 9]
     arrivals = {0: [0, 1], 2: [2], 4: [3], 6: [4], 11: [5]}

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.engine import EngineConfig, ExecutionProvider, LLMEngine, ModelLoadError, onnx_model
-from serve_app.engine import device as device_module
+from serve_app.engine import EngineConfig, ExecutionProvider, ModelLoadError, load_decoder
+from serve_app.engine.backends import device as device_module
+from serve_app.engine.backends import onnxruntime_decoder
+from serve_app.engine.backends.device import Device, resolve_device
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder, session_providers
+from serve_app.engine.backends.tensorrt_profiles import decoder_profiles, tensorrt_provider_shapes
 from serve_app.engine.decoder import ModelIO, read_onnx_signature
-from serve_app.engine.device import Device, resolve_device
 from serve_app.engine.model_config import ModelConfig
-from serve_app.engine.onnx_model import session_providers
-from serve_app.engine.tensorrt_profiles import decoder_profiles, tensorrt_provider_shapes
 
 ALL_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -33,9 +34,10 @@ def config(model_dir: Path, **options: object) -> EngineConfig:
 
 
 def test_auto_runs_on_cpu_without_a_gpu(model_dir: Path) -> None:
-    engine = LLMEngine(config(model_dir))
-    assert engine.model.device == Device("cpu")
-    assert engine.model.describe() == "onnxruntime (CPUExecutionProvider)"
+    decoder = load_decoder(config(model_dir))
+    assert isinstance(decoder, OnnxDecoder)
+    assert decoder.device == Device("cpu")
+    assert decoder.describe() == "onnxruntime (CPUExecutionProvider)"
 
 
 def test_auto_picks_the_gpu_when_the_replica_has_one(model_dir: Path, one_gpu: None) -> None:
@@ -64,7 +66,7 @@ def test_impossible_device_choices_are_named(
     model_dir: Path, options: dict[str, object], message: str
 ) -> None:
     with pytest.raises(ModelLoadError, match=message):
-        LLMEngine(config(model_dir, **options))
+        load_decoder(config(model_dir, **options))
 
 
 def test_missing_gpu_provider_names_the_gpu_extra(
@@ -73,13 +75,13 @@ def test_missing_gpu_provider_names_the_gpu_extra(
     """A GPU is present but the CPU-only onnxruntime wheel is installed."""
     monkeypatch.setattr(device_module, "cuda_device_count", lambda: 1)
     with pytest.raises(ModelLoadError, match=r"CUDAExecutionProvider is not available.*gpu extra"):
-        LLMEngine(config(model_dir, device="cuda"))
+        load_decoder(config(model_dir, device="cuda"))
 
 
 def test_gpu_defaults_are_cuda_then_cpu_on_the_chosen_device(
     model_dir: Path, one_gpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(onnx_model.ort, "get_available_providers", lambda: ALL_PROVIDERS)
+    monkeypatch.setattr(onnxruntime_decoder.ort, "get_available_providers", lambda: ALL_PROVIDERS)
     engine_config = config(model_dir, device="cuda")
     providers = session_providers(
         engine_config, Device("cuda", 3), model_dir / "model.onnx", ModelConfig.from_dir(model_dir)
@@ -93,7 +95,7 @@ def test_gpu_defaults_are_cuda_then_cpu_on_the_chosen_device(
 def test_tensorrt_provider_gets_profiles_and_an_engine_cache(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(onnx_model.ort, "get_available_providers", lambda: ALL_PROVIDERS)
+    monkeypatch.setattr(onnxruntime_decoder.ort, "get_available_providers", lambda: ALL_PROVIDERS)
     engine_config = config(
         model_dir,
         max_num_seqs=8,

@@ -15,8 +15,8 @@ from serve_app.engine import (
     SamplingParams,
     SequenceOutput,
 )
-from serve_app.engine.onnx_model import OnnxDecoder
-from serve_app.tokenizer import Tokenizer
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
+from serve_app.text.tokenizer import Tokenizer
 
 PROMPTS = [
     "The return statement",
@@ -29,8 +29,18 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model_path=model_dir, intra_op_num_threads=2))
+def decoder(model_dir: Path) -> OnnxDecoder:
+    return OnnxDecoder(EngineConfig(model_path=model_dir, intra_op_num_threads=2))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path, decoder: OnnxDecoder) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_path=model_dir), decoder)
+
+
+def engine_with(model_dir: Path, decoder: OnnxDecoder, **limits: int) -> LLMEngine:
+    """A fresh engine with its own limits over the module's loaded model."""
+    return LLMEngine(EngineConfig(model_path=model_dir, **limits), decoder)
 
 
 def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
@@ -90,20 +100,19 @@ def test_batched_output_with_natural_stops_equals_alone(
     assert [tokens_of(outputs[str(i)]) for i in range(len(prompts))] == expected
 
 
-def test_kv_cache_path_equals_full_recompute(model_dir: Path, tokenizer: Tokenizer) -> None:
-    model = OnnxDecoder(EngineConfig(model_path=model_dir))
+def test_kv_cache_path_equals_full_recompute(decoder: OnnxDecoder, tokenizer: Tokenizer) -> None:
     tokens = tokenizer.encode(PROMPTS[4])
     prompt_len = 5
     ids = np.array([tokens[:prompt_len]], dtype=np.int64)
     mask = np.ones_like(ids)
-    cached = model.forward(ids, mask, np.arange(prompt_len)[None], model.ops.empty(1))
+    cached = decoder.forward(ids, mask, np.arange(prompt_len)[None], decoder.ops.empty(1))
     for position in range(prompt_len, len(tokens)):
         full_ids = np.array([tokens[: position + 1]], dtype=np.int64)
-        full = model.forward(
-            full_ids, np.ones_like(full_ids), np.arange(position + 1)[None], model.ops.empty(1)
+        full = decoder.forward(
+            full_ids, np.ones_like(full_ids), np.arange(position + 1)[None], decoder.ops.empty(1)
         )
         mask = np.ones((1, position + 1), dtype=np.int64)
-        cached = model.forward(full_ids[:, -1:], mask, np.array([[position]]), cached.present)
+        cached = decoder.forward(full_ids[:, -1:], mask, np.array([[position]]), cached.present)
         np.testing.assert_allclose(cached.logits, full.logits, atol=1e-3, rtol=1e-3)
 
 
@@ -186,8 +195,10 @@ def test_abort_frees_the_slot_at_the_next_step(engine: LLMEngine, tokenizer: Tok
     assert not engine.has_work()
 
 
-def test_abort_of_a_waiting_request_leaves_the_queue(model_dir: Path, tokenizer: Tokenizer) -> None:
-    engine = LLMEngine(EngineConfig(model_path=model_dir, max_num_seqs=1))
+def test_abort_of_a_waiting_request_leaves_the_queue(
+    model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    engine = engine_with(model_dir, decoder, max_num_seqs=1)
     engine.add_request("running", tokenizer.encode(PROMPTS[0]), greedy(20, ignore_eos=True))
     engine.add_request("waiting", tokenizer.encode(PROMPTS[1]), greedy(20, ignore_eos=True))
     engine.step()
@@ -198,9 +209,11 @@ def test_abort_of_a_waiting_request_leaves_the_queue(model_dir: Path, tokenizer:
     assert engine.num_waiting == 0
 
 
-def test_queue_drains_within_the_kv_budget(model_dir: Path, tokenizer: Tokenizer) -> None:
+def test_queue_drains_within_the_kv_budget(
+    model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
     budget = 160
-    engine = LLMEngine(EngineConfig(model_path=model_dir, max_num_seqs=4, kv_cache_tokens=budget))
+    engine = engine_with(model_dir, decoder, max_num_seqs=4, kv_cache_tokens=budget)
     for index in range(12):
         prompt = tokenizer.encode(PROMPTS[index % len(PROMPTS)])
         engine.add_request(str(index), prompt, greedy(10 + 3 * index, ignore_eos=True))
@@ -238,10 +251,10 @@ def test_finish_reasons_and_token_limits(engine: LLMEngine, tokenizer: Tokenizer
     assert outputs["length"][-1].num_output_tokens == 3
 
 
-def test_generation_stops_at_the_context_length(engine: LLMEngine) -> None:
+def test_generation_fitted_to_the_context_stops_at_its_end(engine: LLMEngine) -> None:
     context = engine.model_config.context_length
     prompt = [5] * (context - 3)
-    engine.add_request("long", prompt, greedy(100, ignore_eos=True))
+    engine.add_request("long", prompt, greedy(100, ignore_eos=True, fit_to_context=True))
     outputs = run_to_completion(engine)["long"]
     assert outputs[-1].finish_reason is FinishReason.LENGTH
     assert outputs[-1].num_prompt_tokens + outputs[-1].num_output_tokens == context
@@ -255,6 +268,8 @@ def test_generation_stops_at_the_context_length(engine: LLMEngine) -> None:
         ([10**9], greedy(4), "prompt"),
         ([-1], greedy(4), "prompt"),
         ([1, 2], greedy(4, stop_token_ids=(10**9,)), "stop_token_ids"),
+        ([1, 2], greedy(4, stop_token_ids=(-3,)), "stop_token_ids"),
+        ([5] * 1000, greedy(100), "max_tokens"),
     ],
 )
 def test_requests_the_engine_cannot_run_are_rejected(
@@ -266,8 +281,10 @@ def test_requests_the_engine_cannot_run_are_rejected(
     assert not engine.has_work()
 
 
-def test_duplicate_and_oversized_requests_are_rejected(model_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model_path=model_dir, kv_cache_tokens=64))
+def test_duplicate_and_oversized_requests_are_rejected(
+    model_dir: Path, decoder: OnnxDecoder
+) -> None:
+    engine = engine_with(model_dir, decoder, kv_cache_tokens=64)
     engine.add_request("a", [1, 2, 3], greedy(8))
     with pytest.raises(InvalidRequestError, match="already in use"):
         engine.add_request("a", [1, 2, 3], greedy(8))
@@ -276,9 +293,9 @@ def test_duplicate_and_oversized_requests_are_rejected(model_dir: Path) -> None:
     assert info.value.param == "max_tokens"
 
 
-def test_prompt_longer_than_one_prefill_is_rejected(model_dir: Path) -> None:
+def test_prompt_longer_than_one_prefill_is_rejected(model_dir: Path, decoder: OnnxDecoder) -> None:
     """A prefill is never split, and TensorRT's prefill profile ends at this length."""
-    engine = LLMEngine(EngineConfig(model_path=model_dir, max_prefill_tokens=16))
+    engine = engine_with(model_dir, decoder, max_prefill_tokens=16)
     engine.add_request("fits", list(range(5, 21)), greedy(1))
     with pytest.raises(InvalidRequestError, match="prefills at most 16") as info:
         engine.add_request("long", list(range(5, 22)), greedy(1))

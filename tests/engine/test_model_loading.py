@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.engine import EngineConfig, ExecutionProvider, ModelConfig, ModelLoadError
-from serve_app.engine.onnx_model import OnnxDecoder
+from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
 
 
 def test_layout_is_discovered_from_the_graph_and_config(model_dir: Path) -> None:

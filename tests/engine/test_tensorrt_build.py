@@ -13,9 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from serve_app.engine import EngineConfig, LLMEngine, ModelLoadError
-from serve_app.engine.decoder import read_onnx_signature
-from serve_app.engine.tensorrt_build import (
+from serve_app.engine import EngineConfig, ModelLoadError, load_decoder
+from serve_app.engine.backends.tensorrt_build import (
     BuildProgress,
     EngineSpec,
     deployment_profiles,
@@ -26,7 +25,8 @@ from serve_app.engine.tensorrt_build import (
     profile_shapes,
     read_model,
 )
-from serve_app.engine.tensorrt_profiles import decoder_profiles
+from serve_app.engine.backends.tensorrt_profiles import decoder_profiles
+from serve_app.engine.decoder import read_onnx_signature
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,20 +124,20 @@ def test_missing_packages_are_named_with_the_extra(monkeypatch: pytest.MonkeyPat
 def test_tensorrt_backend_without_a_gpu_says_so(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serve_app.engine.device.cuda_device_count", lambda: 0)
+    monkeypatch.setattr("serve_app.engine.backends.device.cuda_device_count", lambda: 0)
     config = EngineConfig(model_path=model_dir, backend="tensorrt", device="cuda")
     with pytest.raises(ModelLoadError, match=r"cuda:0 was asked for .* sees 0 CUDA device"):
-        LLMEngine(config)
+        load_decoder(config)
 
 
 def test_tensorrt_backend_on_a_gpu_without_tensorrt_names_the_extra(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serve_app.engine.device.cuda_device_count", lambda: 1)
+    monkeypatch.setattr("serve_app.engine.backends.device.cuda_device_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     config = EngineConfig(model_path=model_dir, backend="tensorrt", device="cuda")
     with pytest.raises(ModelLoadError, match=r"needs the tensorrt package.*gpu extra"):
-        LLMEngine(config)
+        load_decoder(config)
 
 
 def test_build_trt_without_tensorrt_exits_with_the_reason(model_dir: Path, tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from serve_app.engine import ModelLoadError
-from serve_app.engine.device import cuda_device_count
-from serve_app.engine.tensorrt_build import import_cudart, import_tensorrt
+from serve_app.engine.backends.device import cuda_device_count
+from serve_app.engine.backends.tensorrt_build import import_cudart, import_tensorrt
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.engine import EngineConfig, ExecutionProvider, LLMEngine, SamplingParams
-from serve_app.engine.tensorrt_build import deployment_profiles, ensure_engine, read_model
-from serve_app.tokenizer import Tokenizer
+from serve_app.engine import (
+    EngineConfig,
+    ExecutionProvider,
+    LLMEngine,
+    SamplingParams,
+    load_decoder,
+)
+from serve_app.engine.backends.tensorrt_build import deployment_profiles, ensure_engine, read_model
+from serve_app.text.tokenizer import Tokenizer
 
 PROMPTS = [
     "The return statement",
@@ -72,13 +78,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cpu_tokens(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     config = EngineConfig(model_path=model_dir, device="cpu", intra_op_num_threads=2, **LIMITS)
-    return greedy_batch(LLMEngine(config), prompts)
+    return greedy_batch(LLMEngine(config, load_decoder(config)), prompts)
 
 
 @pytest.fixture(params=list(BACKENDS))
 def gpu_engine(request: pytest.FixtureRequest, model_dir: Path, cache_dir: Path) -> LLMEngine:
     request.getfixturevalue(BACKENDS[request.param])
-    return LLMEngine(backend_config(request.param, model_dir, cache_dir))
+    config = backend_config(request.param, model_dir, cache_dir)
+    return LLMEngine(config, load_decoder(config))
 
 
 def test_gpu_greedy_output_equals_cpu_fp32(
@@ -107,4 +114,4 @@ def test_native_engine_is_built_once_and_described(model_dir: Path, cache_dir: P
     assert path.stat().st_mtime_ns == built_at
     description = json.loads(path.with_suffix(".json").read_text())
     assert [p["name"] for p in description["profiles"]] == ["prefill", "decode"]
-    assert LLMEngine(config).model.describe().startswith("tensorrt ")
+    assert load_decoder(config).describe().startswith("tensorrt ")

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from serve_app import DEMO_MODEL_DIR
-from serve_app.engine import EngineConfig, LLMEngine, SamplingParams
-from serve_app.tokenizer import Tokenizer
+from serve_app.engine import EngineConfig, LLMEngine, SamplingParams, load_decoder
+from serve_app.text.tokenizer import Tokenizer
 from serve_app.tools.__main__ import main
 from serve_app.tools.export import export_checkpoint
 from serve_app.tools.onnx_export import HFDecoder, verify_decoder_with_past
@@ -75,7 +75,8 @@ def save_checkpoint(architecture: str, out_dir: Path, seed: int = 0) -> Path:
 
 def run_engine(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy continuations of all prompts, batched by the engine."""
-    engine = LLMEngine(EngineConfig(model_path=model_dir, intra_op_num_threads=2))
+    config = EngineConfig(model_path=model_dir, intra_op_num_threads=2)
+    engine = LLMEngine(config, load_decoder(config))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for index, prompt in enumerate(prompts):
         engine.add_request(str(index), prompt, params)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.auth import (
+from serve_app.api.auth import (
     ApiKey,
     ApiKeyRegistry,
     AuthConfig,
@@ -122,7 +122,7 @@ def test_limits_for_uses_the_key_entry_else_the_default() -> None:
 
 
 def test_limits_for_an_unconfigured_name_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="serve_app.auth"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.api.auth"):
         registry("alice:sk-a", limits={"alcie": {"requests_per_minute": 1}})
     assert "alcie" in caplog.text
 

@@ -1,8 +1,10 @@
-"""The random dataset: reproducible, within its length ranges, and never repeating a prompt."""
+"""The random datasets: reproducible, within their ranges, and never repeating a prompt."""
 
 from __future__ import annotations
 
-from serve_app.bench.dataset import LengthRange, random_requests
+import numpy as np
+
+from serve_app.bench.dataset import FIRST_PROMPT_ID, LengthRange, prompt_ids, random_requests
 
 INPUT = LengthRange(64, 0.25)
 OUTPUT = LengthRange(32, 0.5)
@@ -31,3 +33,11 @@ def test_lengths_stay_within_their_ranges() -> None:
 def test_prompts_are_distinct_even_when_short() -> None:
     requests = random_requests(500, LengthRange(2, 0.0), OUTPUT, seed=0)
     assert len({r.prompt for r in requests}) == 500
+
+
+def test_prompt_ids_are_seeded_and_clear_of_the_special_tokens() -> None:
+    ids = prompt_ids(2000, vocab_size=4096, seed=3)
+    assert ids.dtype == np.int32 and ids.shape == (2000,)
+    assert (prompt_ids(2000, 4096, seed=3) == ids).all()
+    assert not (prompt_ids(2000, 4096, seed=4) == ids).all()
+    assert ids.min() >= FIRST_PROMPT_ID and ids.max() < 4096

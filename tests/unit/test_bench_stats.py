@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
-from serve_app.bench.stats import distribution, itl_samples, request_metrics, summarize
+from serve_app.bench.stats import (
+    PointSummary,
+    distribution,
+    itl_samples,
+    request_metrics,
+    summarize,
+)
 from serve_app.bench.trace import ChunkEvent, RequestTrace
 
 # The brief's example: the second chunk carries three coalesced tokens.
@@ -101,3 +110,37 @@ def test_throughput_is_over_the_points_wall_time() -> None:
     summary = summarize(traces, wall_s=2.0)
     assert summary.request_throughput == pytest.approx(2 / 2.0)
     assert summary.output_throughput == pytest.approx((5 + 3) / 2.0)
+
+
+def test_decode_throughput_spans_earliest_first_token_to_latest_last_token() -> None:
+    # Sent 0.5 s apart: first tokens at 0.1 and 0.6, last tokens at 0.35 and 0.9 of the point.
+    early = trace(COALESCED, e2e=0.40, completion_tokens=5)
+    late = trace([ChunkEvent(0.1, 1), ChunkEvent(0.4, 2)], e2e=0.45, completion_tokens=3)
+    late.start = 0.5
+    summary = summarize([early, late], wall_s=1.0)
+    assert summary.decode_throughput == pytest.approx(((5 - 1) + (3 - 1)) / (0.9 - 0.1))
+
+
+def test_failed_requests_stay_out_of_decode_throughput() -> None:
+    ok = trace([ChunkEvent(0.1, 1), ChunkEvent(0.3, 1)], e2e=0.3, completion_tokens=2)
+    broken = trace([ChunkEvent(0.1, 1), ChunkEvent(9.0, 5)], e2e=9.0, status="sse_error")
+    assert summarize([ok, broken], wall_s=1.0).decode_throughput == pytest.approx(1 / 0.2)
+
+
+def test_no_decode_window_gives_no_decode_throughput() -> None:
+    single = trace([ChunkEvent(0.1, 1)], e2e=0.1, completion_tokens=1)
+    assert summarize([single], wall_s=1.0).decode_throughput == 0.0
+    assert summarize([trace([], e2e=0.1, status="503")], wall_s=1.0).decode_throughput == 0.0
+
+
+def test_in_process_token_times_are_chunks_and_the_last_one_ends_the_request() -> None:
+    recorded = RequestTrace(start=0.0, input_len=8, max_tokens=4)
+    recorded.record(0.1)
+    recorded.record(0.2, tokens=3)
+    assert recorded.chunks == [ChunkEvent(0.1, 1), ChunkEvent(0.2, 3)]
+    assert recorded.e2e == 0.2 and recorded.output_tokens == 4
+
+
+def test_a_summary_reads_back_from_its_json() -> None:
+    summary = summarize([trace(COALESCED, e2e=0.40, completion_tokens=5)], wall_s=2.0)
+    assert PointSummary.from_dict(json.loads(json.dumps(asdict(summary)))) == summary

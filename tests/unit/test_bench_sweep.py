@@ -51,6 +51,7 @@ def test_every_point_sends_its_own_prompts_and_counts_failures() -> None:
     prompts: list[str] = []
     points = sweep(prompts)
     assert [p.label for p in points] == ["concurrency 1", "concurrency 4", "rate inf/s"]
+    assert {p.system for p in points} == {"http://test/v1"}
     assert len(prompts) == len(set(prompts)) == 24  # no prompt reaches a response cache twice
     failed = sum(map(is_odd, prompts))
     assert 0 < failed < 24
@@ -64,14 +65,19 @@ def test_results_go_out_as_tables_json_and_a_plot(tmp_path: Path) -> None:
     assert "| concurrency 4 |" in tables and "| rate inf/s | TTFT |" in tables
 
     out = tmp_path / "results.json"
-    write_json(out, {"seed": 0}, points)
+    raw = write_json(out, {"settings": {"seed": 0}, "points": points})
     document = json.loads(out.read_text())
     assert document["settings"] == {"seed": 0}
     first = document["points"][0]
-    assert len(first["requests"]) == 8
-    ok = next(r for r in first["requests"] if r["status"] == "200")
-    assert len(ok["chunks"]) == ok["completion_tokens"] == ok["max_tokens"]
+    assert first["label"] == "concurrency 1" and first["concurrency"] == 1
     assert first["summary"]["ttft"]["p50"] > 0
+    assert "requests" not in first  # the committed summary holds no per-request trace
+
+    assert raw == tmp_path / "raw" / "results.json"
+    raw_first = json.loads(raw.read_text())["points"][0]
+    assert len(raw_first["requests"]) == 8
+    ok = next(r for r in raw_first["requests"] if r["status"] == "200")
+    assert len(ok["chunks"]) == ok["completion_tokens"] == ok["max_tokens"]
 
     plot(out.with_suffix(".png"), points)
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

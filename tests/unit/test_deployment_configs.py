@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from serve_app.app import SERVE_ENV, AppArgs
+from serve_app.app import SERVE_ENV
+from serve_app.config import AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ["serve_config.yaml", *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))]

@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from serve_app.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from serve_app.tokenizer import Tokenizer
+from serve_app.text.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve_app.text.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
 # Emoji stay out of the training text, so they reach the tests as several byte tokens.

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from serve_app.auth import KeyLimits
-from serve_app.rate_limit import Decision, RateLimitClient, RateLimitStore
+from serve_app.api.auth import KeyLimits
+from serve_app.clients.rate_limiter import RateLimitClient
+from serve_app.stores.rate_buckets import Decision, RateLimitStore
 from tests.unit.fakes import HangingHandle
 
 
@@ -168,7 +169,7 @@ def test_client_fails_open_on_timeout_and_cancels_the_call(
 ) -> None:
     handle = HangingHandle()
     client = RateLimitClient(handle, timeout_s=0.05)  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, logger="serve_app.rate_limit"):
+    with caplog.at_level(logging.WARNING, logger="serve_app.clients.rate_limiter"):
         decision = asyncio.run(client.acquire("alice", RPM_6, 10))
         asyncio.run(client.settle("some-reservation", 5))  # must not raise
     assert decision == Decision(True, 0.0, None, None)

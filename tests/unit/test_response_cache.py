@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from serve_app.cache import (
+from serve_app.clients.response_cache import ResponseCacheClient
+from serve_app.stores.response_store import (
     CachedChoice,
     CachedResponse,
     LRUResponseStore,
-    ResponseCacheClient,
     cache_key,
     is_cacheable,
 )

@@ -1,0 +1,396 @@
+"""Request orchestration: fan-out of prompts x choices to the batcher, merging their streams,
+and the response cache in front. HTTP routes and Python handle methods both call this, so they
+validate and fail alike; rendering the results is ``api.render``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.api.errors import ApiError
+from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
+from serve_app.api.openai_responses import Usage
+from serve_app.clients.response_cache import ResponseCacheClient
+from serve_app.messages import PreparedRequest, PromptToken, TextChunk, TokenText
+from serve_app.metrics import RequestMetrics
+from serve_app.stores.response_store import CachedChoice, CachedResponse, is_cacheable
+
+Request = CompletionRequest | ChatCompletionRequest
+
+
+@dataclass
+class ChoiceResult:
+    """A finished choice, accumulated from its chunks."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenText] = field(default_factory=list)
+    finish_reason: str | None = None
+    echo: str | None = None  # the prompt, when the text is to start with it (completions' echo)
+    echo_logprobs: list[PromptToken] | None = None  # its tokens, when echoed with logprobs
+    prompt_logprobs: list[PromptToken] | None = None  # vLLM's prompt_logprobs, when asked
+
+
+@dataclass
+class CompletionResult:
+    """A finished request: its choices in order and its token counts."""
+
+    choices: list[ChoiceResult]
+    prompt_tokens: int
+    completion_tokens: int
+    cache_hit: bool = False
+    model_version: str | None = None  # of the model that generated it
+
+    @property
+    def usage(self) -> Usage:
+        """OpenAI usage object."""
+        total = self.prompt_tokens + self.completion_tokens
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=total,
+        )
+
+
+class Accumulator:
+    """Builds a ``CompletionResult`` from a stream of deltas (and its usage at any point)."""
+
+    def __init__(
+        self,
+        num_choices: int,
+        choices_per_prompt: int,
+        prompts: PromptScoring | None = None,
+    ) -> None:
+        self.choices = [ChoiceResult() for _ in range(num_choices)]
+        self._choices_per_prompt = choices_per_prompt
+        self._prompt_tokens: dict[int, int] = {}
+        self._model_version: str | None = None
+        self._prompts = prompts or PromptScoring()
+
+    @classmethod
+    def of(cls, request: Request) -> Accumulator:
+        """An accumulator sized for every prompt and choice of ``request``."""
+        if not isinstance(request, CompletionRequest):
+            return cls(request.n, request.n)
+        prompts = request.prompts
+        scoring = PromptScoring(
+            echoed=prompts if request.echo else None,
+            echo_top=request.logprobs if request.echo else None,
+            prompt_top=request.prompt_logprobs,
+        )
+        return cls(len(prompts) * request.n, request.n, scoring)
+
+    def add(self, delta: ChoiceDelta) -> None:
+        """Fold in one delta."""
+        choice, chunk = self.choices[delta.index], delta.chunk
+        choice.text += chunk.text
+        choice.token_ids.extend(chunk.token_ids)
+        choice.logprobs.extend(chunk.logprobs or [])
+        choice.finish_reason = chunk.finish_reason or choice.finish_reason
+        if self._prompts.echoed is not None and choice.echo is None:
+            choice.echo = self._echo_text(delta.index, chunk.prompt_logprobs)
+        if chunk.prompt_logprobs is not None:
+            choice.echo_logprobs = _top(chunk.prompt_logprobs, self._prompts.echo_top)
+            choice.prompt_logprobs = _top(chunk.prompt_logprobs, self._prompts.prompt_top)
+        # The prompt is counted once however many choices sample from it.
+        if chunk.prompt_tokens:
+            self._prompt_tokens[delta.index // self._choices_per_prompt] = chunk.prompt_tokens
+        self._model_version = chunk.model_version or self._model_version
+
+    def _echo_text(self, index: int, prompt_tokens: list[PromptToken] | None) -> str:
+        """The prompt a choice echoes: its text, or a tokenized prompt's token texts (the
+        engine scores echoed tokenized prompts, so their texts come with the first chunk)."""
+        assert self._prompts.echoed is not None
+        prompt = self._prompts.echoed[index // self._choices_per_prompt]
+        if isinstance(prompt, str):
+            return prompt
+        return "".join(t.text for t in prompt_tokens or [])
+
+    def result(self) -> CompletionResult:
+        """The request so far."""
+        completion_tokens = sum(len(c.token_ids) for c in self.choices)
+        prompt_tokens = sum(self._prompt_tokens.values())
+        return CompletionResult(
+            self.choices, prompt_tokens, completion_tokens, model_version=self._model_version
+        )
+
+
+@dataclass(frozen=True)
+class PromptScoring:
+    """What a completions request wants of its prompts: echoed (these prompts), their tokens'
+    logprobs with the echo (``echo_top`` alternatives each), vLLM's ``prompt_logprobs``."""
+
+    echoed: list[str | list[int]] | None = None
+    echo_top: int | None = None
+    prompt_top: int | None = None
+
+
+def _top(tokens: list[PromptToken], n_top: int | None) -> list[PromptToken] | None:
+    """The prompt's tokens with ``n_top`` alternatives each (the engine scored the most any
+    part of the request asked for); None when nobody asked."""
+    if n_top is None:
+        return None
+    return [dataclasses.replace(t, top=t.top[:n_top]) for t in tokens]
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New output of one choice in a stream (the choice index is OpenAI's ``index``)."""
+
+    index: int
+    chunk: TextChunk
+
+
+class CompletionService:
+    """Runs OpenAI-style requests through the batcher, with the response cache in front."""
+
+    def __init__(
+        self,
+        batcher: DeploymentHandle,
+        cache: ResponseCacheClient,
+        model_name: str,
+        default_max_tokens: int,
+        metrics: RequestMetrics,
+    ) -> None:
+        self.metrics = metrics
+        self.batcher = batcher
+        self.cache = cache
+        self.model_name = model_name
+        self.default_max_tokens = default_max_tokens
+
+    def check_model(self, name: str) -> None:
+        """404 for a model this service does not serve."""
+        if name != self.model_name:
+            raise ApiError(
+                404,
+                f"the model '{name}' does not exist; this service serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def run(self, request: Request, request_id: str) -> CompletionResult:
+        """Generate every choice to the end (or answer from the cache)."""
+        self.check_model(request.model)
+        cacheable = self._cacheable(request)
+        cached = await self._lookup(cacheable)
+        if cached is not None:
+            return _from_cache(cached)
+        prepared = self._prepare(request, request_id)
+        accumulator = Accumulator.of(request)
+        async for delta in self._deltas(prepared, request.n):
+            accumulator.add(delta)
+        result = accumulator.result()
+        await self._store(cacheable, result)
+        return result
+
+    async def stream(
+        self, request: Request, request_id: str
+    ) -> tuple[bool, AsyncIterator[ChoiceDelta]]:
+        """(cache hit, the choices' deltas). Waits for the first delta before returning, so
+        that a request rejected by the batcher raises here, before any response has begun."""
+        self.check_model(request.model)
+        cacheable = self._cacheable(request)
+        cached = await self._lookup(cacheable)
+        if cached is not None:
+            return True, _replay(cached)
+        prepared = self._prepare(request, request_id)
+        deltas = self._deltas(prepared, request.n)
+        if cacheable is not None:
+            deltas = self._stored_when_complete(cacheable, deltas, Accumulator.of(request))
+        try:
+            first = await anext(deltas)
+        except StopAsyncIteration:
+            raise ApiError(500, f"empty response (request id {request_id})") from None
+        return False, _prepend(first, deltas)
+
+    async def _stored_when_complete(
+        self,
+        cacheable: dict[str, Any],
+        deltas: AsyncIterator[ChoiceDelta],
+        accumulator: Accumulator,
+    ) -> AsyncIterator[ChoiceDelta]:
+        """Pass a stream through and cache it once every choice has finished."""
+        async for delta in deltas:
+            accumulator.add(delta)
+            yield delta
+        await self._store(cacheable, accumulator.result())
+
+    def _prepare(self, request: Request, request_id: str) -> list[PreparedRequest]:
+        """One prepared request per prompt and choice; choice i samples with seed + i."""
+        if isinstance(request, CompletionRequest):
+            params = request.to_sampling_params()
+            sources: list[dict[str, Any]] = [
+                {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
+                for p in request.prompts
+            ]
+        else:
+            params = request.to_sampling_params(self.default_max_tokens)
+            sources = [{"messages": request.message_dicts()}]
+        prepared = []
+        for p_index, source in enumerate(sources):
+            for choice in range(request.n):
+                seed = None if params.seed is None else params.seed + choice
+                prepared.append(
+                    PreparedRequest(
+                        request_id=f"{request_id}-{p_index * request.n + choice}",
+                        params=dataclasses.replace(params, seed=seed),
+                        stop=request.stop_strings,
+                        text=request.to_text_options(),
+                        **source,
+                    )
+                )
+        return prepared
+
+    async def _lookup(self, cacheable: dict[str, Any] | None) -> CachedResponse | None:
+        """A cached answer of the version now being served, if there is one."""
+        if cacheable is None or not self.cache.enabled:
+            return None
+        cached = await self.cache.lookup(cacheable)
+        counter = self.metrics.cache_misses if cached is None else self.metrics.cache_hits
+        counter.inc()
+        return cached
+
+    async def _store(self, cacheable: dict[str, Any] | None, result: CompletionResult) -> None:
+        """Cache a complete answer under the version that generated it, never another."""
+        complete = all(c.finish_reason for c in result.choices)
+        if cacheable is None or not complete or result.model_version is None:
+            return
+        await self.cache.store(result.model_version, cacheable, _to_cache(result))
+
+    async def _deltas(
+        self, prepared: list[PreparedRequest], choices_per_prompt: int
+    ) -> AsyncIterator[ChoiceDelta]:
+        """Every choice's chunks as they come, merged and timed; an error chunk raises
+        ``ApiError``."""
+        timer = _StreamTimer(self.metrics, time.perf_counter(), choices_per_prompt)
+        streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
+        async for index, chunk in _merge(streams):
+            if chunk.error is not None:
+                raise ApiError.from_request_error(chunk.error)
+            timer.observe(index, chunk)
+            yield ChoiceDelta(index, chunk)
+
+    def _cacheable(self, request: Request) -> dict[str, Any] | None:
+        """What identifies a deterministic request (prompt and every sampling parameter);
+        None for requests never cached: sampled without a seed, or asking for logprobs or the
+        prompt echoed (the cache keeps neither logprobs nor prompts)."""
+        wants_logprobs = request.logprobs is not None and request.logprobs is not False
+        if isinstance(request, CompletionRequest):
+            wants_logprobs |= request.echo or request.prompt_logprobs is not None
+        if not is_cacheable(request.temperature, request.seed) or wants_logprobs:
+            return None
+        payload = request.model_dump(exclude={"stream", "stream_options", *request.IGNORED_FIELDS})
+        return {"kind": type(request).__name__, **payload}
+
+
+class _StreamTimer:
+    """Records a request's latency and token series as its chunks arrive."""
+
+    def __init__(self, metrics: RequestMetrics, started: float, choices_per_prompt: int) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.choices_per_prompt = choices_per_prompt
+        self.last_token_at: dict[int, float] = {}
+
+    def observe(self, index: int, chunk: TextChunk) -> None:
+        now = time.perf_counter()
+        tokens = len(chunk.token_ids)
+        if tokens:
+            previous = self.last_token_at.get(index)
+            if previous is None:
+                self.metrics.time_to_first_token.observe(now - self.started)
+            else:
+                # A coalesced chunk spreads its gap over the tokens it carries.
+                gap = (now - previous) / tokens
+                for _ in range(tokens):
+                    self.metrics.inter_token_latency.observe(gap)
+            self.last_token_at[index] = now
+            self.metrics.generation_tokens.inc(tokens)
+        if chunk.finish_reason is not None:
+            self.metrics.e2e_latency.observe(now - self.started)
+            # A prompt is counted once, with its first choice, however many sample from it.
+            if index % self.choices_per_prompt == 0 and chunk.prompt_tokens:
+                self.metrics.prompt_tokens.inc(chunk.prompt_tokens)
+            self.metrics.requests.inc(tags={"finish_reason": chunk.finish_reason})
+
+
+async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk]]:
+    """Interleave several batcher streams; closing this cancels the ones still running."""
+    queue: asyncio.Queue[tuple[int, TextChunk] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: Any) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((index, chunk))
+                if chunk.finish_reason is not None or chunk.error is not None:
+                    break  # the end of the stream follows; no need to wait for it
+            queue.put_nowait(None)
+        except BaseException as exc:  # re-raised by the consumer below
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task, stream in zip(tasks, streams, strict=True):
+            task.cancel()
+            stream.cancel()
+
+
+async def _prepend(
+    first: ChoiceDelta, rest: AsyncIterator[ChoiceDelta]
+) -> AsyncIterator[ChoiceDelta]:
+    try:
+        yield first
+        async for delta in rest:
+            yield delta
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  # cancels generation at once
+
+
+async def _replay(cached: CachedResponse) -> AsyncIterator[ChoiceDelta]:
+    """A cached response as one final chunk per choice; the first carries the prompt tokens
+    (the cache keeps their total, not each prompt's)."""
+    for index, choice in enumerate(cached.choices):
+        yield ChoiceDelta(
+            index,
+            TextChunk(
+                request_id="cached",
+                text=choice.text,
+                token_ids=list(choice.token_ids),
+                finish_reason=choice.finish_reason,
+                prompt_tokens=cached.prompt_tokens if index == 0 else 0,
+                completion_tokens=len(choice.token_ids),
+            ),
+        )
+
+
+def _to_cache(result: CompletionResult) -> CachedResponse:
+    return CachedResponse(
+        choices=[
+            CachedChoice(c.text, c.finish_reason or "stop", list(c.token_ids))
+            for c in result.choices
+        ],
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+def _from_cache(cached: CachedResponse) -> CompletionResult:
+    choices = [ChoiceResult(c.text, list(c.token_ids), [], c.finish_reason) for c in cached.choices]
+    return CompletionResult(choices, cached.prompt_tokens, cached.completion_tokens, cache_hit=True)

@@ -1,0 +1,1 @@
+"""State kept by the cluster-wide deployments, apart from the deployment and its client."""

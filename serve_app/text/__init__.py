@@ -1,0 +1,1 @@
+"""Text around the model: tokenizer, chat template, incremental detokenizer."""
