@@ -43,10 +43,10 @@ def compose(settings: AppArgs, model_options: dict[str, Any] | None = None) -> A
     source = ModelSource(model_path=settings.model_path, model_version=settings.version())
     model = LLMModel.options(  # type: ignore[attr-defined]
         user_config=source.model_dump(mode="json"), **(model_options or {})
-    ).bind(settings.engine, cache)
+    ).bind(settings.engine, cache, settings.tracing)
     batcher = Batcher.options(  # type: ignore[attr-defined]
         user_config=settings.batcher.model_dump()
-    ).bind(model, settings.model_path)
+    ).bind(model, settings.model_path, settings.tracing)
     rate_limiter = RateLimiter.bind() if _has_limits(settings.auth) else None  # type: ignore[attr-defined]
     ingress_settings = IngressSettings(
         model_name=settings.model_name,
@@ -54,6 +54,7 @@ def compose(settings: AppArgs, model_options: dict[str, Any] | None = None) -> A
         auth=settings.auth,
         max_request_body_bytes=settings.max_request_body_bytes,
         sse_keep_alive_s=settings.sse_keep_alive_s,
+        tracing=settings.tracing,
     )
     return Ingress.bind(batcher, model, cache, rate_limiter, ingress_settings)  # type: ignore[attr-defined, no-any-return]
 

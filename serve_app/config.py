@@ -7,7 +7,7 @@ deployment (the live-tunable ones travel as the deployments' ``user_config``).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,13 @@ class BatcherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=32, ge=1, description="Most requests in one micro-batch.")
+    model_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a model replica to take a micro-batch; past it its "
+        "requests get 503 with Retry-After at once (no replica is alive, e.g. its node is "
+        "gone, or every one is full) instead of waiting for one without bound.",
+    )
     batch_wait_timeout_s: float = Field(
         default=0.005, ge=0, description="Longest wait for a micro-batch to fill."
     )
@@ -63,6 +70,32 @@ class ResponseCacheConfig(BaseModel):
     )
 
 
+class TracingConfig(BaseModel):
+    """Where spans go; tracing is off (a no-op tracer) when no endpoint is known."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces. When "
+        "unset, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT in the "
+        "replicas' environment turn tracing on; with neither, tracing is off.",
+    )
+    service_name: str = Field(
+        default="serve_app", min_length=1, description="The spans' service.name."
+    )
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Fraction of new traces recorded; a client's traceparent decides for its "
+        "own requests.",
+    )
+    export_delay_s: float = Field(
+        default=5.0, gt=0, description="Longest time a finished span waits to be exported."
+    )
+
+
 class ModelSource(BaseModel):
     """The ``user_config`` of ``LLMModel``: the model a replica serves."""
 
@@ -81,6 +114,7 @@ class IngressSettings:
     auth: AuthConfig
     max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies: 413 (AppArgs documents both)
     sse_keep_alive_s: float = 15.0  # keep-alive comment interval before a stream's first event
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 class AppArgs(BaseModel):
@@ -124,6 +158,10 @@ class AppArgs(BaseModel):
         description="Until a stream's first event (its request waiting in the queue or "
         "prefilling), a ': keep-alive' comment every this many seconds, so that proxies and "
         "clients keep the connection open.",
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig,
+        description="OpenTelemetry spans over OTLP/HTTP (docs/OPERATIONS.md, Tracing).",
     )
 
     def version(self) -> str:

@@ -31,6 +31,7 @@ class PreparedRequest:
     stop: list[str] = field(default_factory=list)
     text: TextOptions = field(default_factory=TextOptions)
     prompt_token_ids: list[int] | None = None  # a tokenized prompt, used as it is
+    trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent of its caller
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,13 @@ class MicroBatch:
         """Every request of the micro-batch."""
         return list(self._by_id)
 
+    def trace_contexts(self) -> dict[str, dict[str, str]]:
+        """The trace context of each runnable request that has one, by request id."""
+        contexts = {
+            r.request_id: self._by_id[r.request_id].request.trace_context for r in self.runnable
+        }
+        return {request_id: context for request_id, context in contexts.items() if context}
+
     def _tokenize(self, template: ChatTemplate) -> list[GenerationRequest]:
         """Render and tokenize every prompt in one call; the engine judges whether they fit."""
         texts = []
@@ -232,9 +239,19 @@ class ModelStreamCancelled(Exception):
     """The model replica's stream was cancelled under us (e.g. the replica was stopped)."""
 
 
-async def coalesced_steps(start: Callable[[], Any]) -> AsyncIterator[list[ModelStep]]:
+class NoModelReplica(Exception):
+    """No model replica took the micro-batch in time: none is alive, or every one is full."""
+
+
+async def coalesced_steps(
+    start: Callable[[], Any], first_step_timeout_s: float | None = None
+) -> AsyncIterator[list[ModelStep]]:
     """Yield every step message that arrived since the last yield, so a slow consumer
-    catches up in one pass instead of falling further behind."""
+    catches up in one pass instead of falling further behind.
+
+    A replica answers a micro-batch at once with its first message, so none within
+    ``first_step_timeout_s`` raises ``NoModelReplica`` instead of waiting for one forever.
+    """
     queue: asyncio.Queue[ModelStep | BaseException | None] = asyncio.Queue()
     stream = start()
 
@@ -251,8 +268,14 @@ async def coalesced_steps(start: Callable[[], Any]) -> AsyncIterator[list[ModelS
     # The reader shares the stream's own context, not the request that started the batch.
     reader = contextvars.Context().run(asyncio.ensure_future, pump())
     try:
+        try:
+            first = await asyncio.wait_for(queue.get(), first_step_timeout_s)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise NoModelReplica(
+                f"no model replica took the request within {first_step_timeout_s:g} s"
+            ) from None
+        items = [first]
         while True:
-            items = [await queue.get()]
             while not queue.empty():
                 items.append(queue.get_nowait())
             steps = [i for i in items if isinstance(i, ModelStep)]
@@ -263,6 +286,7 @@ async def coalesced_steps(start: Callable[[], Any]) -> AsyncIterator[list[ModelS
                     raise item
                 if item is None:
                     return
+            items = [await queue.get()]
     finally:
         reader.cancel()
         stream.cancel()  # a no-op once it has ended

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Span, SpanKind
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import tracing
 from serve_app.api.errors import ApiError
 from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
 from serve_app.api.openai_responses import Usage
@@ -175,35 +177,54 @@ class CompletionService:
                 code="model_not_found",
             )
 
-    async def run(self, request: Request, request_id: str) -> CompletionResult:
-        """Generate every choice to the end (or answer from the cache)."""
+    async def run(
+        self, request: Request, request_id: str, trace_context: Mapping[str, str] | None = None
+    ) -> CompletionResult:
+        """Generate every choice to the end (or answer from the cache). ``trace_context``:
+        the caller's W3C trace headers, if it sent any."""
         self.check_model(request.model)
-        cacheable = self._cacheable(request)
-        cached = await self._lookup(cacheable)
-        if cached is not None:
-            return _from_cache(cached)
-        prepared = self._prepare(request, request_id)
-        accumulator = Accumulator.of(request)
-        async for delta in self._deltas(prepared, request.n):
-            accumulator.add(delta)
-        result = accumulator.result()
-        await self._store(cacheable, result)
-        return result
+        with tracing.span("ingress", tracing.extract(trace_context), request_id) as span:
+            cacheable = self._cacheable(request)
+            cached = await self._lookup(cacheable, span, request_id)
+            if cached is not None:
+                return _from_cache(cached)
+            prepared = self._prepare(request, request_id, tracing.inject(span))
+            accumulator = Accumulator.of(request)
+            async for delta in self._deltas(prepared, request.n):
+                accumulator.add(delta)
+            result = accumulator.result()
+            await self._store(cacheable, result, span, request_id)
+            return result
 
     async def stream(
-        self, request: Request, request_id: str
+        self, request: Request, request_id: str, trace_context: Mapping[str, str] | None = None
     ) -> tuple[bool, AsyncIterator[ChoiceDelta]]:
         """(cache hit, the choices' deltas). Waits for the first delta before returning, so
-        that a request rejected by the batcher raises here, before any response has begun."""
+        that a request rejected by the batcher raises here, before any response has begun.
+        Its span ends with the deltas."""
         self.check_model(request.model)
+        span = tracing.start_span("ingress", tracing.extract(trace_context), request_id)
+        span.set_attribute("serve_app.stream", True)
+        try:
+            cache_hit, deltas = await self._start_stream(request, request_id, span)
+        except BaseException as exc:
+            tracing.record_error(span, exc)
+            span.end()
+            raise
+        return cache_hit, tracing.ending_with(span, deltas)
+
+    async def _start_stream(
+        self, request: Request, request_id: str, span: Span
+    ) -> tuple[bool, AsyncIterator[ChoiceDelta]]:
         cacheable = self._cacheable(request)
-        cached = await self._lookup(cacheable)
+        cached = await self._lookup(cacheable, span, request_id)
         if cached is not None:
             return True, _replay(cached)
-        prepared = self._prepare(request, request_id)
+        prepared = self._prepare(request, request_id, tracing.inject(span))
         deltas = self._deltas(prepared, request.n)
         if cacheable is not None:
-            deltas = self._stored_when_complete(cacheable, deltas, Accumulator.of(request))
+            accumulator = Accumulator.of(request)
+            deltas = self._stored_when_complete(cacheable, deltas, accumulator, span, request_id)
         try:
             first = await anext(deltas)
         except StopAsyncIteration:
@@ -215,15 +236,20 @@ class CompletionService:
         cacheable: dict[str, Any],
         deltas: AsyncIterator[ChoiceDelta],
         accumulator: Accumulator,
+        span: Span,
+        request_id: str,
     ) -> AsyncIterator[ChoiceDelta]:
         """Pass a stream through and cache it once every choice has finished."""
         async for delta in deltas:
             accumulator.add(delta)
             yield delta
-        await self._store(cacheable, accumulator.result())
+        await self._store(cacheable, accumulator.result(), span, request_id)
 
-    def _prepare(self, request: Request, request_id: str) -> list[PreparedRequest]:
-        """One prepared request per prompt and choice; choice i samples with seed + i."""
+    def _prepare(
+        self, request: Request, request_id: str, trace_context: dict[str, str]
+    ) -> list[PreparedRequest]:
+        """One prepared request per prompt and choice; choice i samples with seed + i; each
+        carries ``trace_context`` to the batcher."""
         if isinstance(request, CompletionRequest):
             params = request.to_sampling_params()
             sources: list[dict[str, Any]] = [
@@ -243,26 +269,39 @@ class CompletionService:
                         params=dataclasses.replace(params, seed=seed),
                         stop=request.stop_strings,
                         text=request.to_text_options(),
+                        trace_context=trace_context,
                         **source,
                     )
                 )
         return prepared
 
-    async def _lookup(self, cacheable: dict[str, Any] | None) -> CachedResponse | None:
+    async def _lookup(
+        self, cacheable: dict[str, Any] | None, parent: Span, request_id: str
+    ) -> CachedResponse | None:
         """A cached answer of the version now being served, if there is one."""
         if cacheable is None or not self.cache.enabled:
             return None
-        cached = await self.cache.lookup(cacheable)
+        with tracing.span("response_cache.lookup", parent, request_id, SpanKind.CLIENT) as span:
+            cached = await self.cache.lookup(cacheable)
+            span.set_attribute("serve_app.cache_hit", cached is not None)
+        parent.set_attribute("serve_app.cache_hit", cached is not None)
         counter = self.metrics.cache_misses if cached is None else self.metrics.cache_hits
         counter.inc()
         return cached
 
-    async def _store(self, cacheable: dict[str, Any] | None, result: CompletionResult) -> None:
+    async def _store(
+        self,
+        cacheable: dict[str, Any] | None,
+        result: CompletionResult,
+        parent: Span,
+        request_id: str,
+    ) -> None:
         """Cache a complete answer under the version that generated it, never another."""
         complete = all(c.finish_reason for c in result.choices)
         if cacheable is None or not complete or result.model_version is None:
             return
-        await self.cache.store(result.model_version, cacheable, _to_cache(result))
+        with tracing.span("response_cache.store", parent, request_id, SpanKind.CLIENT):
+            await self.cache.store(result.model_version, cacheable, _to_cache(result))
 
     async def _deltas(
         self, prepared: list[PreparedRequest], choices_per_prompt: int

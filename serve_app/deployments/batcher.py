@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import Span, Status, StatusCode
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import tracing
 from serve_app.api.tokenize import TokenizeRequest
-from serve_app.config import BatcherConfig
-from serve_app.engine import GenerationRequest
+from serve_app.config import BatcherConfig, TracingConfig
 from serve_app.messages import (
     DetokenizedText,
     PreparedRequest,
@@ -25,7 +27,13 @@ from serve_app.messages import (
     TextChunk,
     TokenizedPrompt,
 )
-from serve_app.micro_batch import MicroBatch, ModelStreamCancelled, StreamItem, coalesced_steps
+from serve_app.micro_batch import (
+    MicroBatch,
+    ModelStreamCancelled,
+    NoModelReplica,
+    StreamItem,
+    coalesced_steps,
+)
 from serve_app.text.chat_template import ChatTemplate
 from serve_app.text.tokenizer import Tokenizer
 
@@ -39,7 +47,10 @@ MAX_MICRO_BATCHES = 256  # in flight at once per batcher replica
 class Batcher:
     """Tokenizes, micro-batches and detokenizes; never runs the model itself."""
 
-    def __init__(self, model: DeploymentHandle, model_dir: Path) -> None:
+    def __init__(
+        self, model: DeploymentHandle, model_dir: Path, trace: TracingConfig | None = None
+    ) -> None:
+        self._tracer_provider = tracing.configure(trace or TracingConfig(), "Batcher")
         self.model = model
         self.tokenizer = Tokenizer(model_dir)
         self.chat_template = ChatTemplate(model_dir)
@@ -59,17 +70,25 @@ class Batcher:
     async def generate(self, request: PreparedRequest) -> AsyncIterator[TextChunk]:
         """Stream one request's text; if the caller goes away, its sequence is aborted."""
         finished = False
+        span = tracing.start_span(
+            "batcher", tracing.extract(request.trace_context), request.request_id
+        )
+        # The model server's spans of this request are children of this one.
+        request = dataclasses.replace(request, trace_context=tracing.inject(span))
         try:
             async for chunk in self._micro_batch(request):  # type: ignore[misc, call-arg]
                 if chunk is StopIteration:
                     continue
                 assert isinstance(chunk, TextChunk)
                 finished = chunk.finish_reason is not None or chunk.error is not None
+                if finished:
+                    _note_end(span, chunk)
                 if chunk.text or chunk.token_ids or finished:
                     yield chunk
         finally:
             if not finished and request.request_id in self._running:
                 self._cancelled.add(request.request_id)
+            span.end()
 
     def tokenize(self, request: TokenizeRequest) -> TokenizedPrompt:
         """The token ids a completion of ``request``'s prompt (or chat) would give the model."""
@@ -94,6 +113,9 @@ class Batcher:
             message = f"token ids must be in [0, {vocab_size}); got {unknown[0]}"
             return DetokenizedText(error=RequestError(400, message, param="tokens"))
         return DetokenizedText(self.tokenizer.decode(token_ids))
+
+    def __del__(self) -> None:
+        tracing.shutdown(getattr(self, "_tracer_provider", None))  # exports what it buffers
 
     # serve.batch's type hints cover neither async generators nor its setters: hence the ignores.
     # Micro-batches must run side by side: each streams until its longest request ends, and
@@ -123,12 +145,19 @@ class Batcher:
         replica_id: str | None = None
         self._active_streams += len(batch.runnable)
         try:
-            async for steps in coalesced_steps(lambda: self._stream_to_model(batch.runnable)):
+            steps_of_batch = coalesced_steps(
+                lambda: self._stream_to_model(batch), self.settings.model_wait_s
+            )
+            async for steps in steps_of_batch:
                 for step in steps:
                     replica_id = step.replica_id or replica_id
                     batch.on_step(step)
                 self._abort_ended(batch, replica_id)
                 yield batch.collect(self.settings.stream_interval_s(self._active_streams))
+        except NoModelReplica as exc:
+            logger.warning("micro-batch not taken: %s", exc)
+            batch.fail_unfinished(RequestError(503, f"{exc}; retry the request", code="no_replica"))
+            yield batch.collect()
         except (Exception, ModelStreamCancelled) as exc:  # tell every caller, never hang
             logger.warning("micro-batch stream failed: %r", exc)
             batch.fail_unfinished(RequestError(503, "the model replica failed; retry the request"))
@@ -136,16 +165,18 @@ class Batcher:
         finally:
             self._active_streams -= len(batch.runnable)
 
-    def _stream_to_model(self, runnable: list[GenerationRequest]) -> Any:
-        """The ONE streaming call that carries a micro-batch to a model replica.
+    def _stream_to_model(self, batch: MicroBatch) -> Any:
+        """The ONE streaming call that carries a micro-batch to a model replica, with each
+        request's trace context.
 
         It runs in a context of its own: made inside the first request's context, Serve would
         treat it as that request's child and cancel it (and every other request of the
         micro-batch) when that one caller goes away. Callers leave through targeted aborts.
         """
-        return contextvars.Context().run(
-            self.model.options(stream=True).generate_batch.remote, runnable
-        )
+        call = self.model.options(stream=True).generate_batch.remote
+        traced = batch.trace_contexts()  # empty when tracing is off
+        kwargs = {"trace_contexts": traced} if traced else {}
+        return contextvars.Context().run(call, batch.runnable, **kwargs)
 
     def _abort_ended(self, batch: MicroBatch, replica_id: str | None) -> None:
         """Abort, on the replica running them, the sequences whose callers went away or that a
@@ -160,6 +191,21 @@ class Batcher:
         task = asyncio.ensure_future(_bounded(call))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _note_end(span: Span, chunk: TextChunk) -> None:
+    """How a request ended, on its batcher span."""
+    if chunk.error is not None:
+        span.set_attribute("serve_app.error_status", chunk.error.status)
+        span.set_status(Status(StatusCode.ERROR, chunk.error.message))
+        return
+    span.set_attributes(
+        {
+            "serve_app.finish_reason": chunk.finish_reason or "",
+            "serve_app.prompt_tokens": chunk.prompt_tokens,
+            "serve_app.completion_tokens": chunk.completion_tokens,
+        }
+    )
 
 
 async def _bounded(call: Any) -> None:

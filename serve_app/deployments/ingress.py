@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import tracing
 from serve_app.api import render, sse
 from serve_app.api.auth import ApiKeyRegistry, warn_if_open
 from serve_app.api.errors import ApiError, to_api_error
@@ -81,6 +82,7 @@ class Ingress:
         rate_limiter: DeploymentHandle | None,
         settings: IngressSettings,
     ) -> None:
+        self._tracer_provider = tracing.configure(settings.tracing, "Ingress")
         self.model = model
         self.settings = settings
         self.api_keys = ApiKeyRegistry(settings.auth)
@@ -257,7 +259,7 @@ class Ingress:
         reservation = await self._admit(request, body)
         used = 0
         try:
-            result = await self.service.run(body, rid)
+            result = await self.service.run(body, rid, tracing.from_headers(request.headers))
             used = result.usage.total_tokens
             return result
         finally:
@@ -278,7 +280,7 @@ class Ingress:
         try:
             # Not started within the keep-alive interval (queued, prefilling): the stream
             # begins anyway, with keep-alive comments, and a later failure is an error event.
-            start = self.service.stream(body, rid)
+            start = self.service.stream(body, rid, tracing.from_headers(request.headers))
             cache_hit, deltas = await sse.started_within(start, keep_alive_s)
         except BaseException:
             await self.limits.settle(reservation, 0)
@@ -315,3 +317,6 @@ class Ingress:
     async def _describe(self) -> ModelDescription:
         description: ModelDescription = await self.model.describe.remote()
         return description
+
+    def __del__(self) -> None:
+        tracing.shutdown(getattr(self, "_tracer_provider", None))  # exports what it buffers

@@ -16,10 +16,11 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import tracing
 from serve_app.clients.best_effort import BestEffortHandle
-from serve_app.config import ModelSource
+from serve_app.config import ModelSource, TracingConfig
 from serve_app.deployments.replica_router import ReplicaAffinityRouter
-from serve_app.engine import EngineOptions, GenerationRequest
+from serve_app.engine import EngineOptions, GenerationRequest, SequenceOutput
 from serve_app.messages import ModelDescription, ModelStep, RejectedRequest
 from serve_app.metrics import EngineMetrics
 from serve_app.model_versions import LoadedModel, load_model
@@ -40,7 +41,13 @@ CACHE_TIMEOUT_S = 1.0
 class LLMModel:
     """Owns the engine; streams one ``ModelStep`` per engine step per micro-batch."""
 
-    def __init__(self, engine_options: EngineOptions, cache: DeploymentHandle | None) -> None:
+    def __init__(
+        self,
+        engine_options: EngineOptions,
+        cache: DeploymentHandle | None,
+        trace: TracingConfig | None = None,
+    ) -> None:
+        self._tracer_provider = tracing.configure(trace or TracingConfig(), "LLMModel")
         if engine_options.device == "auto" and not ray.get_gpu_ids():
             # Ray hides no GPUs from a replica that asked for none.
             engine_options = engine_options.model_copy(update={"device": "cpu"})
@@ -75,14 +82,29 @@ class LLMModel:
         else:
             previous.engine.shutdown()
 
-    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[ModelStep]:
+    async def generate_batch(
+        self,
+        requests: list[GenerationRequest],
+        trace_contexts: dict[str, dict[str, str]] | None = None,
+    ) -> AsyncIterator[ModelStep]:
         """Stream a micro-batch. Requests the engine refuses are reported in the first message
-        and the rest still run; cancelling the call aborts every sequence still running."""
+        and the rest still run; cancelling the call aborts every sequence still running.
+        ``trace_contexts``: the W3C trace context of each traced request, by request id."""
         model = self._serving()
         model.streams += 1
         submitted = None
+        version = model.source.model_version
+        traces = {
+            request_id: tracing.GenerationSpans(
+                carrier, request_id, replica_id=self.replica_id, model_version=version
+            )
+            for request_id, carrier in (trace_contexts or {}).items()
+        }
         try:
             submitted = model.engine.submit(requests)
+            for request_id, error in submitted.rejected.items():
+                if request_id in traces:
+                    traces.pop(request_id).end(error=str(error))
             rejected = {
                 request_id: RejectedRequest.from_engine_error(error)
                 for request_id, error in submitted.rejected.items()
@@ -94,10 +116,14 @@ class LLMModel:
                 rejected=rejected,
             )
             async for outputs in submitted.outputs():
+                if traces:
+                    _trace_outputs(traces, outputs)
                 yield ModelStep(outputs=outputs)
         finally:
             if submitted is not None:
                 submitted.abort()  # cancelled before its outputs were read: abort what runs
+            for unfinished in traces.values():
+                unfinished.end(error="cancelled")
             model.release()
             self._retiring = [m for m in self._retiring if m.streams > 0]
 
@@ -140,8 +166,27 @@ class LLMModel:
         for model in [self._current, *getattr(self, "_retiring", [])]:
             if model is not None:
                 model.engine.shutdown()
+        tracing.shutdown(getattr(self, "_tracer_provider", None))  # exports what it buffers
 
     def _serving(self) -> LoadedModel:
         if self._current is None:
             raise RuntimeError("LLMModel has no model: its user_config must name one")
         return self._current
+
+
+def _trace_outputs(
+    traces: dict[str, tracing.GenerationSpans], outputs: list[SequenceOutput]
+) -> None:
+    """Time each traced request's queue wait, prefill and decode from its outputs."""
+    for output in outputs:
+        spans = traces.get(output.request_id)
+        if spans is None:
+            continue
+        spans.output(len(output.new_token_ids), output.prefill_started_at)
+        if output.finish_reason is not None:
+            del traces[output.request_id]
+            spans.end(
+                finish_reason=output.finish_reason.value,
+                prompt_tokens=output.num_prompt_tokens,
+                completion_tokens=output.num_output_tokens,
+            )

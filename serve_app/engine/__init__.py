@@ -2,6 +2,11 @@
 
 Build it as ``LLMEngine(config, load_decoder(config))``; the backends live in ``backends/``.
 """
+# ruff: noqa: E402  (the runtime check runs before the modules below import onnxruntime)
+
+from serve_app.engine.runtime_install import require_onnxruntime
+
+require_onnxruntime()  # without a runtime extra: an ImportError naming [cpu] and [gpu]
 
 from serve_app.engine.async_engine import AsyncLLMEngine, GenerationRequest, SubmittedBatch
 from serve_app.engine.backends import load_decoder

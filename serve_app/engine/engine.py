@@ -203,6 +203,7 @@ class LLMEngine:
         return outputs
 
     def _prefill(self, newcomers: list[Sequence]) -> list[SequenceOutput]:
+        started = time.monotonic()
         pad_to = max(s.num_prompt_tokens for s in newcomers)
         input_ids = np.full((len(newcomers), pad_to), self.model_config.pad_token_id, np.int64)
         mask = np.zeros((len(newcomers), pad_to), dtype=np.int64)
@@ -218,7 +219,7 @@ class LLMEngine:
             self.decoder.ops.empty(len(newcomers)),
             all_positions=scoring,
         )
-        outputs = self._prefill_outputs(newcomers, result.logits, result.all_logits)
+        outputs = self._prefill_outputs(newcomers, result.logits, result.all_logits, started)
         joined = BatchKVCache(result.present, mask, self.decoder.ops)
         self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
         self.running.extend(newcomers)
@@ -226,7 +227,11 @@ class LLMEngine:
         return outputs
 
     def _prefill_outputs(
-        self, newcomers: list[Sequence], logits: np.ndarray, all_logits: np.ndarray | None
+        self,
+        newcomers: list[Sequence],
+        logits: np.ndarray,
+        all_logits: np.ndarray | None,
+        started: float,
     ) -> list[SequenceOutput]:
         """The first token of each newcomer, with its prompt's logprobs where asked; one that
         asked for no tokens (``max_tokens`` 0) only has its prompt scored and finishes."""
@@ -248,7 +253,9 @@ class LLMEngine:
             else:
                 seq.finish_reason = FinishReason.LENGTH
                 output = self._output(seq, ())
-            outputs.append(dataclasses.replace(output, prompt_logprobs=prompt))
+            outputs.append(
+                dataclasses.replace(output, prompt_logprobs=prompt, prefill_started_at=started)
+            )
         return outputs
 
     def _append_tokens(self, sequences: list[Sequence], logits: np.ndarray) -> list[SequenceOutput]:

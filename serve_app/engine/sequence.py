@@ -47,6 +47,9 @@ class SequenceOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # When its prefill began (``time.monotonic()``), on the first output only: the model server
+    # reports queue wait and prefill time from it.
+    prefill_started_at: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -16,22 +16,19 @@ PROFILES = ["serve_config.yaml", *sorted(p.name for p in (ROOT / "configs").glob
 
 
 def serve_config(name: str) -> dict[str, Any]:
-    if name == "rayservice.yaml":
-        manifest = yaml.safe_load((ROOT / "k8s" / name).read_text())
-        text = manifest["spec"]["serveConfigV2"]
-    else:
-        text = (ROOT / name if name == "serve_config.yaml" else ROOT / "configs" / name).read_text()
+    # k8s/overlays embed copies of configs/ (checked equal in test_k8s_manifests.py)
+    text = (ROOT / name if name == "serve_config.yaml" else ROOT / "configs" / name).read_text()
     config: dict[str, Any] = yaml.safe_load(text)
     return config
 
 
-@pytest.mark.parametrize("name", [*PROFILES, "rayservice.yaml"])
+@pytest.mark.parametrize("name", PROFILES)
 def test_profile_arguments_validate(name: str) -> None:
     (application,) = serve_config(name)["applications"]
     args = AppArgs.model_validate(application["args"])
     assert application["import_path"] == "serve_app.app:build_app"
     assert application["runtime_env"]["env_vars"] == SERVE_ENV
-    if "gpu" in name or name == "rayservice.yaml":
+    if "gpu" in name:
         assert args.engine.device == "cuda"
         model = next(d for d in application["deployments"] if d["name"] == "LLMModel")
         assert model["ray_actor_options"]["num_gpus"] == 1  # one model replica per GPU

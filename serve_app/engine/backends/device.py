@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,8 +12,9 @@ import onnxruntime as ort
 
 from serve_app.engine.config import EngineOptions
 from serve_app.engine.model_config import ModelLoadError
+from serve_app.engine.runtime_install import GPU_PROVIDERS, missing_provider_fix
 
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,36 @@ def resolve_device(options: EngineOptions) -> Device:
     visible = cuda_device_count()
     wants_gpu = options.device == "cuda" or options.backend == "tensorrt" or bool(listed_gpu)
     if not wants_gpu:  # auto, with nothing that needs a GPU
-        gpu_usable = "CUDAExecutionProvider" in ort.get_available_providers() and not listed
-        if visible == 0 or not gpu_usable:
+        has_cuda_provider = "CUDAExecutionProvider" in ort.get_available_providers()
+        if visible > 0 and not has_cuda_provider and not listed:
+            logger.warning(
+                "a CUDA device is visible but the model runs on the CPU: %s",
+                missing_provider_fix("CUDAExecutionProvider"),
+            )
+        if visible == 0 or not has_cuda_provider or listed:
             return Device("cpu")
     if options.device_id >= visible:
         raise ModelLoadError(
             f"device cuda:{options.device_id} was asked for but this process sees {visible} "
             "CUDA device(s); check the replica's num_gpus and CUDA_VISIBLE_DEVICES"
         )
+    load_cuda_libraries()
     return Device("cuda", options.device_id)
+
+
+def require_cuda_provider() -> None:
+    """Raise ``ModelLoadError`` naming the fix unless onnxruntime can place tensors on CUDA."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ModelLoadError(
+            "device tensors need onnxruntime's CUDAExecutionProvider, which this onnxruntime "
+            f"build lacks; {missing_provider_fix('CUDAExecutionProvider')}"
+        )
+
+
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries the gpu extra installs as wheels (``nvidia-*``).
+
+    onnxruntime-gpu does not look for them there; with a system CUDA it loads those instead.
+    """
+    with contextlib.suppress(AttributeError, OSError, RuntimeError):  # CPU wheel, odd layouts
+        ort.preload_dlls()

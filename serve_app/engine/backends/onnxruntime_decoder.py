@@ -27,6 +27,7 @@ from serve_app.engine.decoder import (
 )
 from serve_app.engine.errors import EngineError
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
+from serve_app.engine.runtime_install import missing_provider_fix
 
 _NUMPY_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 _OPTIMIZATION = {
@@ -135,8 +136,7 @@ def session_providers(
         if name not in available:
             raise ModelLoadError(
                 f"execution provider {name} is not available in this onnxruntime build "
-                f"(available: {', '.join(available)}); GPU providers need the gpu extra "
-                "(onnxruntime-gpu)"
+                f"(available: {', '.join(available)}); {missing_provider_fix(name)}"
             )
     providers = []
     for name, options in chosen:

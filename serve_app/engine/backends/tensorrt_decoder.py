@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serve_app.engine.backends.device import resolve_device
+from serve_app.engine.backends.device import require_cuda_provider, resolve_device
 from serve_app.engine.backends.device_ops import DeviceTensorOps
 from serve_app.engine.backends.tensorrt_build import (
     cuda_call,
@@ -42,6 +42,7 @@ class TensorRTDecoder:
         self.config, self.io = read_model(config)
         self.device = resolve_device(config)
         self._trt, self._cudart = import_tensorrt(), import_cudart()
+        require_cuda_provider()  # the KV cache and logits live in onnxruntime's CUDA OrtValues
         profiles = deployment_profiles(config, self.config, self.io)
         path = ensure_engine(config, profiles, show_progress=sys.stderr.isatty())
         cuda_call(self._cudart.cudaSetDevice(self.device.index))
