@@ -31,7 +31,7 @@ from serve_app.api.openai_responses import (
     new_id,
 )
 from serve_app.messages import ModelDescription, PromptToken, TokenText
-from serve_app.orchestration import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
+from serve_app.results import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
 
 ChunkRenderer = Callable[[Any, AsyncIterator[ChoiceDelta], Accumulator], AsyncIterator[BaseModel]]
 """Renders a request's deltas as the chunks of one API (the request, deltas, accumulator)."""

@@ -50,7 +50,8 @@ from serve_app.clients.response_cache import ResponseCacheClient
 from serve_app.config import IngressSettings
 from serve_app.messages import DetokenizedText, ModelDescription, TokenizedPrompt
 from serve_app.metrics import node_metrics_text, request_metrics
-from serve_app.orchestration import Accumulator, CompletionResult, CompletionService
+from serve_app.orchestration import CompletionService
+from serve_app.results import Accumulator, CompletionResult
 
 logger = logging.getLogger("ray.serve")
 

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
-from tests.e2e.conftest import ServeSession
+from tests.e2e.conftest import ServeSession, free_port
 
 DEADLINE_S = 20.0
 
@@ -42,14 +42,10 @@ class ReceivedSpan:
 class Receiver(ThreadingHTTPServer):
     """An OTLP/HTTP traces endpoint (POST /v1/traces, protobuf) keeping what it receives."""
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ExportHandler)
+    def __init__(self, port: int) -> None:
+        super().__init__(("127.0.0.1", port), _ExportHandler)
         self.spans: list[ReceivedSpan] = []
         self.changed = threading.Condition()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
 
     def add(self, export: ExportTraceServiceRequest) -> None:
         with self.changed:
@@ -115,11 +111,12 @@ def _attributes(pairs: list[KeyValue]) -> dict[str, str | int | bool]:
     return decoded
 
 
-# Bound now, so that the app's args (read when ``served_app`` deploys) can name its port. Spans
-# wait in each replica's buffer far longer than the tests take: they arrive only because each
+# Chosen now, so that the app's args (read when ``served_app`` deploys) can name it. Spans wait
+# in each replica's buffer far longer than the tests take: they arrive only because each
 # replica flushes its buffer when it shuts down.
-RECEIVER = Receiver()
-APP_OVERRIDES = {"tracing": {"otlp_endpoint": RECEIVER.endpoint, "export_delay_s": 600}}
+RECEIVER_PORT = free_port()
+ENDPOINT = f"http://127.0.0.1:{RECEIVER_PORT}/v1/traces"
+APP_OVERRIDES = {"tracing": {"otlp_endpoint": ENDPOINT, "export_delay_s": 600}}
 CHANGES_THE_APP = True
 
 MODEL_SPANS = {"model_server", "queue_wait", "prefill", "decode"}
@@ -137,11 +134,12 @@ class Sent:
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
-    thread = threading.Thread(target=RECEIVER.serve_forever, daemon=True)
+    server = Receiver(RECEIVER_PORT)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield RECEIVER
-    RECEIVER.shutdown()
-    RECEIVER.server_close()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from serve_app.api import render
 from serve_app.api.openai import CompletionRequest
 from serve_app.api.openai_responses import CompletionResponse
 from serve_app.messages import PromptToken, TextChunk, TokenText
-from serve_app.orchestration import Accumulator, ChoiceDelta
+from serve_app.results import Accumulator, ChoiceDelta
 
 # "The cat sat" scored: ids 10, 11, 12; each later position has two alternatives.
 PROMPT = [

@@ -17,7 +17,7 @@ from serve_app.api.errors import ApiError, InvalidParam, to_api_error
 from serve_app.api.native import MAX_BATCH_ITEMS, BatchInferRequest, InferResponse
 from serve_app.api.openai_responses import Usage
 from serve_app.messages import ModelDescription, TextChunk
-from serve_app.orchestration import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
+from serve_app.results import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
 
 DESCRIPTION = ModelDescription("v3", "llama", "onnxruntime (CPU)", 1_000_000, 2048, 1.7e9 + 0.25)
 

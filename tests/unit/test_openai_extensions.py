@@ -20,7 +20,7 @@ from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
 from serve_app.engine import FinishReason, SamplingParams, SequenceOutput
 from serve_app.messages import ModelStep, PreparedRequest, TextChunk, TextOptions
 from serve_app.micro_batch import MicroBatch
-from serve_app.orchestration import Accumulator, ChoiceDelta
+from serve_app.results import Accumulator, ChoiceDelta
 from serve_app.text.chat_template import ChatTemplate
 from serve_app.text.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from serve_app.text.tokenizer import Tokenizer

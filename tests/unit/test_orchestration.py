@@ -17,7 +17,8 @@ from serve_app.api.openai import ChatCompletionRequest, ChatMessage, CompletionR
 from serve_app.clients.response_cache import ResponseCacheClient
 from serve_app.messages import PreparedRequest, RequestError, TextChunk, TokenText
 from serve_app.metrics import RequestMetrics
-from serve_app.orchestration import Accumulator, ChoiceDelta, CompletionService
+from serve_app.orchestration import CompletionService
+from serve_app.results import Accumulator, ChoiceDelta
 from serve_app.stores.response_store import CachedResponse, LiveLookup, cache_key
 from tests.unit.fakes import HangingHandle, HangingResponse
 

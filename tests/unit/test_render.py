@@ -18,7 +18,7 @@ from serve_app.api.openai import (
 )
 from serve_app.api.openai_responses import Usage
 from serve_app.messages import TextChunk, TokenText
-from serve_app.orchestration import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
+from serve_app.results import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
 
 T = TypeVar("T")
 
