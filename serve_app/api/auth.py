@@ -60,7 +60,13 @@ class AuthConfig(BaseModel):
     rate_limit_timeout_s: float = Field(
         default=0.25,
         gt=0,
-        description="Seconds to wait for the rate limiter before letting the request through.",
+        description="Seconds to wait for the rate limiter before it counts as unavailable.",
+    )
+    rate_limit_fail_open: bool = Field(
+        default=True,
+        description="When the rate limiter is unavailable: true lets requests through "
+        "(availability over strictness; API keys still apply), false answers 503 with "
+        "Retry-After until it is back.",
     )
 
 

@@ -26,9 +26,35 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 
 class StrictRequest(BaseModel):
-    """A request model: unknown fields are a 400 naming them."""
+    """A request model: unknown fields are a 400 naming them, and so is text that is not valid
+    Unicode (a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be tokenized)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data, [])
+        return data
+
+
+def _check_unicode(value: Any, path: list[str]) -> None:
+    """Raise ``InvalidParam`` naming the first string under ``value`` with a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            param = ".".join(path) or "body"
+            raise InvalidParam(
+                param, "contains a lone surrogate, which is not valid Unicode"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, path)
+            _check_unicode(item, [*path, str(key)])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, [*path, str(index)])
 
 
 class StreamOptions(StrictRequest):

@@ -11,12 +11,15 @@ from serve_app.stores.rate_buckets import ALLOW_UNRESERVED, Decision
 
 
 class RateLimitClient:
-    """The ingress's view of the limiter: when it cannot answer, requests go through."""
+    """The ingress's view of the limiter. When it cannot answer, requests go through
+    (``fail_open``) or are refused with 503 until it is back."""
 
-    def __init__(self, handle: DeploymentHandle | None, timeout_s: float = 0.25) -> None:
-        self._limiter = (
-            BestEffortHandle(handle, timeout_s, "letting the request through") if handle else None
-        )
+    def __init__(
+        self, handle: DeploymentHandle | None, timeout_s: float = 0.25, fail_open: bool = True
+    ) -> None:
+        degraded = "letting the request through" if fail_open else "refusing the request (503)"
+        self._limiter = BestEffortHandle(handle, timeout_s, degraded) if handle else None
+        self._fail_open = fail_open
 
     @property
     def errors(self) -> int:
@@ -39,15 +42,22 @@ class RateLimitClient:
         return decision.reservation_id
 
     async def acquire(self, key_name: str, limits: KeyLimits, tokens: int) -> Decision:
-        """The limiter's decision; an allow without reservation if unlimited, absent or failing."""
+        """The limiter's decision; an allow without reservation if unlimited or absent. If the
+        limiter fails: the same allow when failing open, else a 503 ``ApiError``."""
         unlimited = limits.requests_per_minute is None and limits.tokens_per_minute is None
         if self._limiter is None or unlimited:
             return ALLOW_UNRESERVED
         try:
             decision: Decision = await self._limiter.call("acquire", key_name, limits, tokens)
         except Exception as exc:
-            # Fail open: availability over strictness; limits are for fairness, auth still applies.
             self._limiter.record_error("rate limiter acquire", exc)
+            if not self._fail_open:
+                raise ApiError(
+                    503,
+                    "the rate limiter is unavailable; retry shortly",
+                    code="rate_limiter_unavailable",
+                ) from None
+            # Availability over strictness: limits are for fairness, and API keys still apply.
             return ALLOW_UNRESERVED
         return decision
 

@@ -91,7 +91,9 @@ class Ingress:
         app.state.api_keys = self.api_keys
         app.state.max_request_body_bytes = settings.max_request_body_bytes
         self.batcher = batcher
-        self.limits = RateLimitClient(rate_limiter, settings.auth.rate_limit_timeout_s)
+        self.limits = RateLimitClient(
+            rate_limiter, settings.auth.rate_limit_timeout_s, settings.auth.rate_limit_fail_open
+        )
         self.service = CompletionService(
             batcher,
             ResponseCacheClient(cache),

@@ -162,12 +162,22 @@ def test_sdk_sees_errors_as_api_errors(served_app: str) -> None:
         ("/v1/chat/completions", {"model": "demo", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"model": "demo", "messages": MESSAGES, "tools": [{}]}, "tools"),
+        ("/v1/completions", {"model": "demo", "prompt": "x\ud800"}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"model": "demo", "messages": [{"role": "user", "content": "\udfff"}]},
+            "messages.0.content",
+        ),
+        ("/v1/infer", {"prompt": "lone \ud800 surrogate"}, "prompt"),
+        ("/tokenize", {"model": "demo", "prompt": "\ud800"}, "prompt"),
     ],
 )
 def test_bad_input_is_a_4xx_in_openai_error_shape(
     client: httpx.Client, path: str, body: dict, param: str | None
 ) -> None:
-    response = client.post(path, json=body)
+    # Escaped JSON, as any client sends it: a lone surrogate is valid JSON ("\\ud800").
+    payload = json.dumps(body, ensure_ascii=True)
+    response = client.post(path, content=payload, headers={"Content-Type": "application/json"})
     assert 400 <= response.status_code < 500, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve import Deployment
 
 from serve_app.api.auth import KeyLimits
+from serve_app.api.errors import ApiError
 from serve_app.clients.rate_limiter import RateLimitClient
 from serve_app.deployments.rate_limiter import RateLimiter
 from serve_app.stores.rate_buckets import Decision
@@ -21,12 +22,17 @@ LIMITER = cast(Deployment, RateLimiter)  # mypy ignores what a class decorator r
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def two_ingress_clients(timeout_s: float = 5.0) -> tuple[RateLimitClient, RateLimitClient]:
+def two_ingress_clients(
+    timeout_s: float = 5.0, fail_open: bool = True
+) -> tuple[RateLimitClient, RateLimitClient]:
     """Clients over two distinct handles to one limiter, as two ingress replicas hold them."""
     first = serve.run(LIMITER.bind(), name=APP, route_prefix=None)
     second = serve.get_deployment_handle("RateLimiter", app_name=APP)
     assert first is not second
-    return RateLimitClient(first, timeout_s), RateLimitClient(second, timeout_s)
+    return (
+        RateLimitClient(first, timeout_s, fail_open),
+        RateLimitClient(second, timeout_s, fail_open),
+    )
 
 
 def test_clients_on_different_handles_share_one_request_budget() -> None:
@@ -73,3 +79,14 @@ def test_client_fails_open_when_the_limiter_is_gone() -> None:
 
     assert asyncio.run(exercise()) == Decision(True, 0.0, None, None)
     assert a.errors == 2
+
+
+def test_client_failing_closed_refuses_with_503_when_the_limiter_is_gone() -> None:
+    a, _ = two_ingress_clients(timeout_s=0.5, fail_open=False)
+    assert asyncio.run(a.acquire("alice", KeyLimits(requests_per_minute=5), 0)).allowed
+    serve.delete(APP)
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(a.acquire("alice", KeyLimits(requests_per_minute=5), 0))
+    assert (refused.value.status, refused.value.code) == (503, "rate_limiter_unavailable")
+    assert a.errors == 1

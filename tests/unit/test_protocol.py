@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from serve_app.api.errors import to_api_error
 from serve_app.api.native import InferRequest
 from serve_app.api.openai import (
     ChatCompletionRequest,
@@ -290,3 +291,22 @@ def test_infer_defaults_are_greedy_and_without_stops() -> None:
     assert request.stop is None
     params = request.to_sampling_params()
     assert (params.max_tokens, params.temperature, params.top_p) == (64, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "fields", "param"),
+    [
+        (completion, {"prompt": "a\ud800"}, "prompt"),
+        (completion, {"prompt": ["fine", "\udfff"]}, "prompt.1"),
+        (completion, {"stop": ["\ud800"]}, "stop.0"),
+        (chat, {"messages": [{"role": "user", "content": "x\ud800"}]}, "messages.0.content"),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_a_400_naming_the_field(
+    build: Any, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        build(**fields)
+    error = to_api_error(raised.value, "r")
+    assert (error.status, error.param) == (400, param)
+    assert "lone surrogate" in error.message

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from serve_app.api.auth import KeyLimits
+from serve_app.api.errors import ApiError
 from serve_app.clients.rate_limiter import RateLimitClient
 from serve_app.stores.rate_buckets import Decision, RateLimitStore
 from tests.unit.fakes import HangingHandle
@@ -176,6 +177,17 @@ def test_client_fails_open_on_timeout_and_cancels_the_call(
     assert client.errors == 2
     assert all(r.cancelled for r in handle.responses)
     assert "TimeoutError" in caplog.text
+
+
+def test_client_configured_to_fail_closed_answers_503_when_the_limiter_hangs() -> None:
+    handle = HangingHandle()
+    client = RateLimitClient(handle, timeout_s=0.05, fail_open=False)  # type: ignore[arg-type]
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(client.acquire("alice", RPM_6, 10))
+    assert (refused.value.status, refused.value.code) == (503, "rate_limiter_unavailable")
+    assert refused.value.retry_after == "1"
+    assert client.errors == 1
+    assert all(r.cancelled for r in handle.responses)
 
 
 def test_client_skips_the_limiter_for_unlimited_keys_and_empty_reservations() -> None:
