@@ -109,7 +109,7 @@ class CompletionService:
             first = await anext(deltas)
         except StopAsyncIteration:
             raise ApiError(500, f"empty response (request id {request_id})") from None
-        return False, _prepend(first, deltas)
+        return False, _Prepended(first, deltas)
 
     async def _stored_when_complete(
         self,
@@ -271,15 +271,28 @@ async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk]]:
             stream.cancel()
 
 
-async def _prepend(
-    first: ChoiceDelta, rest: AsyncIterator[ChoiceDelta]
-) -> AsyncIterator[ChoiceDelta]:
-    try:
-        yield first
-        async for delta in rest:
-            yield delta
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]  # cancels generation at once
+class _Prepended:
+    """``first``, then the rest of its stream. Closing it closes the rest at once, even before
+    the first item was read (an async generator that never ran would skip its cleanup, and with
+    it the cancellation of generation)."""
+
+    def __init__(self, first: ChoiceDelta, rest: AsyncIterator[ChoiceDelta]) -> None:
+        self._first: ChoiceDelta | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Prepended:
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        """Stop generation now."""
+        self._first = None
+        await self._rest.aclose()  # type: ignore[attr-defined]
 
 
 async def _replay(cached: CachedResponse) -> AsyncIterator[ChoiceDelta]:

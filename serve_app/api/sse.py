@@ -4,7 +4,6 @@ and keep-alive comments while a request waits in the queue or prefills."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -113,10 +112,6 @@ async def _discard(started: asyncio.Task[tuple[bool, AsyncIterator[Any]]]) -> No
         await asyncio.wait({started})
         if not started.cancelled() and started.exception() is None:
             _, items = started.result()
-            # Closing a generator that never ran skips its cleanup (which cancels generation):
-            # run it to its first item first.
-            with contextlib.suppress(Exception):
-                await anext(items)
             await items.aclose()  # type: ignore[attr-defined]
 
 

@@ -434,12 +434,20 @@ async def test_closing_a_deferred_stream_closes_what_its_start_gave_or_cancels_i
     release = asyncio.Event()
     closed: list[str] = []
 
-    async def stream() -> AsyncIterator[int]:
-        try:
-            yield 1
-            yield 2
-        finally:
-            closed.append("stream")  # where a real stream cancels generation
+    class Stream:
+        """What ``CompletionService.stream`` gives: closing it cancels generation, read or not."""
+
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> int:
+            return 1
+
+        async def aclose(self) -> None:
+            closed.append("stream")
+
+    def stream() -> AsyncIterator[int]:
+        return Stream()
 
     async def start() -> tuple[bool, AsyncIterator[int]]:
         try:

@@ -114,7 +114,9 @@ def test_a_streamed_request_span_ends_with_its_stream_and_records_a_failure(
         start = asyncio.ensure_future(
             service(batcher).stream(body, "req-3", {"traceparent": TRACEPARENT})
         )
-        while not batcher.streams:
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while not batcher.streams:  # the request reaches the batcher
+            assert asyncio.get_running_loop().time() < deadline, "no batcher call"
             await asyncio.sleep(0)
         stream = batcher.streams[0]
         stream.push(*echo(stream.request)[:1])  # the first chunk: the stream begins
