@@ -9,12 +9,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app import DEMO_MODEL_DIR
 from serve_app.api.auth import AuthConfig
+from serve_app.api.tool_calls import TOOL_CALL_PARSERS
 from serve_app.engine import EngineOptions
+
+# How often a stopping replica looks whether its requests have drained. Serve's default, 2 s, is
+# paid once per tier of the deployment graph even when idle: 8 of `serve run`'s 13 s to exit.
+DRAIN_POLL_S = 0.1
+# How long the ingress lets requests in flight finish when it stops (SIGINT, redeploy, scale
+# down) before Serve ends it; set it per deployment with `graceful_shutdown_timeout_s`.
+INGRESS_GRACE_S = 30.0
 
 
 class BatcherConfig(BaseModel):
@@ -96,6 +105,44 @@ class TracingConfig(BaseModel):
     )
 
 
+class CircuitBreakerConfig(BaseModel):
+    """When the ingress stops calling a failing model path (docs/OPERATIONS.md, Circuit
+    breaker and coalescing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="Break the circuit on repeated failures.")
+    failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Failures of the model path (server errors, no replica in time) within "
+        "the window that open the breaker; client errors, overload 503s and disconnects "
+        "never count.",
+    )
+    failure_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Least share of the window's calls that failed for it to open, so that "
+        "a few failures among many successes do not.",
+    )
+    window_s: float = Field(
+        default=10.0, gt=0, description="Seconds of outcomes the threshold is counted over."
+    )
+    cooldown_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds the breaker stays open (every call answered 503 circuit_open "
+        "at once) before it lets probes through.",
+    )
+    half_open_probes: int = Field(
+        default=2,
+        ge=1,
+        description="Calls let through after the cool-down; the breaker closes once this "
+        "many answered, and re-opens at the first that fails.",
+    )
+
+
 class ModelSource(BaseModel):
     """The ``user_config`` of ``LLMModel``: the model a replica serves."""
 
@@ -105,24 +152,94 @@ class ModelSource(BaseModel):
     model_version: str = Field(min_length=1, description="Version reported and cached under.")
 
 
-@dataclass(frozen=True)
-class IngressSettings:
-    """What the ingress needs to know about the served model and its callers."""
-
-    model_name: str
-    default_max_tokens: int
-    auth: AuthConfig
-    max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies: 413 (AppArgs documents both)
-    sse_keep_alive_s: float = 15.0  # keep-alive comment interval before a stream's first event
-    tracing: TracingConfig = field(default_factory=TracingConfig)
-
-
-class AppArgs(BaseModel):
-    """The ``args:`` of ``serve_config.yaml``. Unknown keys are errors."""
+class AutoscalingOptions(BaseModel):
+    """Serve autoscaling of one model's replicas (Serve's ``autoscaling_config``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_name: str = Field(default="demo", description="Name clients pass as 'model'.")
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas started.")
+    target_ongoing_requests: float = Field(
+        default=32.0,
+        gt=0,
+        description="Micro-batch streams per replica Serve aims for; more starts a replica.",
+    )
+    upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="How long load must stay high before scaling up."
+    )
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="How long load must stay low before scaling down."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ReplicaResources(BaseModel):
+    """What Ray reserves for each replica of one model (Serve's ``ray_actor_options``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per replica; a fraction shares one GPU."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. a node label."
+    )
+
+
+class ModelDeploymentOptions(BaseModel):
+    """How one model's model-server deployment scales and what each replica reserves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(
+        default=1, ge=1, description="Fixed replica count; ignored when autoscaling is set."
+    )
+    autoscaling: AutoscalingOptions | None = Field(
+        default=None, description="Scale between min and max replicas on load instead."
+    )
+    ray_actor_options: ReplicaResources | None = Field(
+        default=None,
+        description="Per-replica resources; unset keeps the deployment's default (1 CPU) "
+        "and any ``deployments:`` override of the serve config.",
+    )
+    batcher_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of its Batcher. Two or more keep it answering while a redeploy "
+        "replaces them, as Serve replaces at most a fifth of a deployment's replicas at once.",
+    )
+
+    def serve_options(self) -> dict[str, Any]:
+        """These options as keyword arguments of ``Deployment.options``."""
+        options: dict[str, Any] = (
+            {"autoscaling_config": self.autoscaling.model_dump()}
+            if self.autoscaling
+            else {"num_replicas": self.num_replicas}
+        )
+        if self.ray_actor_options is not None:
+            options["ray_actor_options"] = self.ray_actor_options.model_dump()
+        return options
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ModelEntry(BaseModel):
+    """One model of the application: its files, engine, batching and deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=MODEL_NAME_PATTERN,
+        description="Name clients pass as 'model'; also names its deployments "
+        "(LLMModel-<name>, Batcher-<name>).",
+    )
     model_path: Path = Field(
         default=DEMO_MODEL_DIR, description="Directory of the exported model and its tokenizer."
     )
@@ -130,6 +247,79 @@ class AppArgs(BaseModel):
         default=None,
         description="Version reported by /v1/model_info and part of every cache key; "
         "derived from the model files when unset.",
+    )
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Other names clients may pass as 'model' for it."
+    )
+    owned_by: str = Field(default="serve_app", description="The owned_by of /v1/models.")
+    engine: EngineOptions = Field(
+        default_factory=EngineOptions, description="Engine batching and onnxruntime settings."
+    )
+    batcher: BatcherConfig = Field(
+        default_factory=BatcherConfig, description="Micro-batching of this model (live-tunable)."
+    )
+    deployment: ModelDeploymentOptions = Field(
+        default_factory=ModelDeploymentOptions,
+        description="Replicas, autoscaling and resources of its model-server deployment.",
+    )
+
+    def version(self) -> str:
+        """The configured version, or a digest of the model's config and weights' size."""
+        return self.model_version or model_digest(self.model_path)
+
+    def names(self) -> list[str]:
+        """Every name it answers to: its own, then its aliases."""
+        return [self.name, *self.aliases]
+
+
+def model_digest(model_path: Path) -> str:
+    """A version for a model folder: a digest of its config and its weights' sizes."""
+    digest = hashlib.sha256((model_path / "config.json").read_bytes())
+    for weights in sorted(model_path.glob("*.onnx*")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the ingress needs to know about its callers."""
+
+    default_max_tokens: int
+    auth: AuthConfig
+    max_request_body_bytes: int = 4 * 1024 * 1024  # larger bodies: 413 (AppArgs documents both)
+    body_read_timeout_s: float = 30.0  # a body still arriving after this: 408
+    sse_keep_alive_s: float = 15.0  # keep-alive comment interval before a stream's first event
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    coalesce_requests: bool = True  # identical deterministic requests share one generation
+    tool_call_parser: str = "hermes"  # how tool_choice "auto" answers' calls are read
+
+
+class AppArgs(BaseModel):
+    """The ``args:`` of ``serve_config.yaml``. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="Every model served, routed by the request's 'model'; the first is the "
+        "native API's default. Unset: the one model the fields below describe (model_name, "
+        "model_path, model_version, engine, batcher), whose deployments keep the plain "
+        "names LLMModel and Batcher.",
+    )
+    model_name: str = Field(
+        default="demo",
+        pattern=MODEL_NAME_PATTERN,
+        description="Single-model form: name clients pass as 'model'.",
+    )
+    model_path: Path = Field(
+        default=DEMO_MODEL_DIR,
+        description="Single-model form: directory of the exported model and its tokenizer.",
+    )
+    model_version: str | None = Field(
+        default=None,
+        description="Single-model form: version reported by /v1/model_info and part of every "
+        "cache key; derived from the model files when unset.",
     )
     default_max_tokens: int = Field(
         default=256, ge=1, description="Chat max tokens when the request gives none."
@@ -152,6 +342,13 @@ class AppArgs(BaseModel):
         description="Largest request body the ingress reads; a larger one is answered 413 "
         "before anything is forwarded.",
     )
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest time a request's body may take to arrive, from the request's "
+        "start; a slower one (a client trickling bytes) is answered 408, so that no client "
+        "can hold an ingress request open by sending slowly.",
+    )
     sse_keep_alive_s: float = Field(
         default=15.0,
         gt=0,
@@ -163,12 +360,63 @@ class AppArgs(BaseModel):
         default_factory=TracingConfig,
         description="OpenTelemetry spans over OTLP/HTTP (docs/OPERATIONS.md, Tracing).",
     )
+    circuit_breaker: CircuitBreakerConfig = Field(
+        default_factory=CircuitBreakerConfig,
+        description="Shedding with 503 while the model path keeps failing.",
+    )
+    coalesce_requests: bool = Field(
+        default=True,
+        description="Identical deterministic requests (those the response cache keeps) that "
+        "arrive while the first is still generating wait for its answer, streamed ones "
+        "included, instead of generating it again. Per ingress replica.",
+    )
+    tool_call_parser: str = Field(
+        default="hermes",
+        description="How the served models write tool calls of their own (tool_choice auto), "
+        f"read into tool_calls: one of {sorted(TOOL_CALL_PARSERS)} (hermes: Hermes', Qwen2.5's "
+        "and Qwen3's <tool_call>{...}</tool_call>).",
+    )
 
-    def version(self) -> str:
-        """The configured version, or a digest of the model's config and weights' size."""
-        if self.model_version:
-            return self.model_version
-        digest = hashlib.sha256((self.model_path / "config.json").read_bytes())
-        for weights in sorted(self.model_path.glob("*.onnx*")):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-        return digest.hexdigest()[:12]
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, name: str) -> str:
+        if name not in TOOL_CALL_PARSERS:
+            raise ValueError(f"unknown tool call parser; known: {sorted(TOOL_CALL_PARSERS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _one_form(self) -> AppArgs:
+        if self.models:
+            single = sorted(_SINGLE_MODEL_FIELDS & self.model_fields_set)
+            if single:
+                raise ValueError(
+                    f"{', '.join(single)}: set these per entry of 'models', not beside it"
+                )
+        names = [name for entry in self.model_entries() for name in entry.names()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"model names and aliases must be unique: {', '.join(repeated)}")
+        return self
+
+    def model_entries(self) -> list[ModelEntry]:
+        """The served models, the native API's default first."""
+        if self.models:
+            return self.models
+        return [
+            ModelEntry(
+                name=self.model_name,
+                model_path=self.model_path,
+                model_version=self.model_version,
+                engine=self.engine,
+                batcher=self.batcher,
+            )
+        ]
+
+    def deployment_name(self, base: str, entry: ModelEntry) -> str:
+        """The name of ``entry``'s deployment of class ``base``: the plain class name in the
+        single-model form (so its ``deployments:`` overrides keep applying), else suffixed
+        with the model's name, so that each model's deployments are its own."""
+        return f"{base}-{entry.name}" if self.models else base
+
+
+_SINGLE_MODEL_FIELDS = {"model_name", "model_path", "model_version", "engine", "batcher"}

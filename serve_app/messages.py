@@ -17,6 +17,7 @@ class TextOptions:
     include_stop_str_in_output: bool = False  # also the text of a stop token that ended it
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # the chat template's ``tools`` (OpenAI's form)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class PreparedRequest:
     request_id: str
     params: SamplingParams
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     stop: list[str] = field(default_factory=list)
     text: TextOptions = field(default_factory=TextOptions)
     prompt_token_ids: list[int] | None = None  # a tokenized prompt, used as it is
@@ -107,12 +108,14 @@ class RejectedRequest:
     message: str
     param: str | None
     status: int = 400  # 503 when the engine's waiting queue is full
+    code: str | None = None  # "overloaded" then, as for every queue bound
 
     @classmethod
     def from_engine_error(cls, error: EngineError) -> RejectedRequest:
         """Why the engine refused a request, as the batcher reports it to the caller."""
-        status = 503 if isinstance(error, EngineOverloadedError) else 400
-        return cls(str(error), getattr(error, "param", None), status=status)
+        if isinstance(error, EngineOverloadedError):
+            return cls(str(error), None, status=503, code="overloaded")
+        return cls(str(error), getattr(error, "param", None))
 
 
 @dataclass(frozen=True)

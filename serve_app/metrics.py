@@ -15,6 +15,7 @@ import urllib.request
 import ray
 from ray.serve import metrics
 
+from serve_app.circuit_breaker import CircuitState
 from serve_app.engine import StepStats
 
 logger = logging.getLogger("ray.serve")
@@ -23,56 +24,99 @@ PREFIX = "serve_app"
 EXPORTED_PREFIX = f"ray_{PREFIX}_"
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                      0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]  # fmt: skip
+MODEL_TAG = ("model",)  # the served model's name, on every request series
 BATCH_BUCKETS = [1.0, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 
 
 class RequestMetrics:
-    """Per-request series, recorded by the ingress."""
+    """Per-request series of one served model, recorded by the ingress; every series carries
+    that model's name as its ``model`` label."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         self.time_to_first_token = metrics.Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Seconds from a request's arrival to its first generated token.",
             boundaries=LATENCY_BUCKETS_S,
+            tag_keys=MODEL_TAG,
         )
         self.inter_token_latency = metrics.Histogram(
             f"{PREFIX}_inter_token_latency_seconds",
             "Seconds between consecutive output tokens of a request.",
             boundaries=LATENCY_BUCKETS_S,
+            tag_keys=MODEL_TAG,
         )
         self.e2e_latency = metrics.Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "Seconds from a request's arrival to its last token.",
             boundaries=LATENCY_BUCKETS_S,
+            tag_keys=MODEL_TAG,
         )
         self.prompt_tokens = metrics.Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests."
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", tag_keys=MODEL_TAG
         )
         self.generation_tokens = metrics.Counter(
-            f"{PREFIX}_generation_tokens", "Tokens generated and returned to clients."
+            f"{PREFIX}_generation_tokens",
+            "Tokens generated and returned to clients.",
+            tag_keys=MODEL_TAG,
         )
         self.requests = metrics.Counter(
             f"{PREFIX}_requests",
             "Finished requests by finish reason (stop, length).",
-            tag_keys=("finish_reason",),
-        )
-        self.errors = metrics.Counter(
-            f"{PREFIX}_request_errors",
-            "Failed requests by error type (the OpenAI error type).",
-            tag_keys=("error_type",),
+            tag_keys=("finish_reason", "model"),  # type: ignore[arg-type]  # Ray types 1 key
         )
         self.cache_hits = metrics.Counter(
-            f"{PREFIX}_response_cache_hits", "Requests answered from the response cache."
+            f"{PREFIX}_response_cache_hits",
+            "Requests answered from the response cache.",
+            tag_keys=MODEL_TAG,
         )
         self.cache_misses = metrics.Counter(
-            f"{PREFIX}_response_cache_misses", "Cacheable requests the response cache lacked."
+            f"{PREFIX}_response_cache_misses",
+            "Cacheable requests the response cache lacked.",
+            tag_keys=MODEL_TAG,
         )
+        self.coalesced_requests = metrics.Counter(
+            f"{PREFIX}_coalesced_requests",
+            "Requests that followed an identical one already generating instead of generating.",
+            tag_keys=MODEL_TAG,
+        )
+        self.circuit_state = metrics.Gauge(
+            f"{PREFIX}_circuit_state",
+            "The model path's circuit breaker: 0 closed, 1 open, 2 half-open.",
+            tag_keys=MODEL_TAG,
+        )
+        self.circuit_opens = metrics.Counter(
+            f"{PREFIX}_circuit_opens",
+            "Times the circuit breaker opened (from closed or half-open).",
+            tag_keys=MODEL_TAG,
+        )
+        for series in (self.time_to_first_token, self.inter_token_latency, self.e2e_latency,
+                       self.prompt_tokens, self.generation_tokens, self.requests,
+                       self.cache_hits, self.cache_misses, self.coalesced_requests,
+                       self.circuit_state, self.circuit_opens):  # fmt: skip
+            series.set_default_tags({"model": model})
+        self.circuit_state.set(CircuitState.CLOSED)
+
+    def circuit_changed(self, state: CircuitState) -> None:
+        """Record a transition of the circuit breaker."""
+        self.circuit_state.set(state)
+        if state is CircuitState.OPEN:
+            self.circuit_opens.inc()
 
 
 @functools.cache
-def request_metrics() -> RequestMetrics:
-    """This process's request series (created once, inside a Serve replica)."""
-    return RequestMetrics()
+def request_metrics(model: str) -> RequestMetrics:
+    """This process's request series of ``model`` (created once, inside a Serve replica)."""
+    return RequestMetrics(model)
+
+
+@functools.cache
+def request_errors() -> metrics.Counter:
+    """Failed requests by error type; not by model, as many fail before one is known."""
+    return metrics.Counter(
+        f"{PREFIX}_request_errors",
+        "Failed requests by error type (the OpenAI error type).",
+        tag_keys=("error_type",),
+    )
 
 
 class EngineMetrics:

@@ -110,7 +110,9 @@ class MicroBatch:
                 t.model_version = step.model_version
         for request_id, rejected in step.rejected.items():
             self._by_id[request_id].fail(
-                RequestError(rejected.status, rejected.message, param=rejected.param)
+                RequestError(
+                    rejected.status, rejected.message, param=rejected.param, code=rejected.code
+                )
             )
         for output in step.outputs:
             self._on_output(self._by_id[output.request_id], output)
@@ -226,7 +228,10 @@ def _prompt_text(request: PreparedRequest, template: ChatTemplate) -> str:
     if request.messages is not None:
         options = request.text
         return template.render(
-            request.messages, options.add_generation_prompt, options.chat_template_kwargs
+            request.messages,
+            options.add_generation_prompt,
+            options.chat_template_kwargs,
+            tools=options.tools,
         )
     return request.prompt or ""  # empty for a tokenized prompt: its ids are used as they are
 

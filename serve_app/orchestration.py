@@ -8,16 +8,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
-from serve_app.api.errors import ApiError
+from serve_app.api.errors import ApiError, to_api_error
 from serve_app.api.openai import CompletionRequest
+from serve_app.circuit_breaker import CircuitBreaker, CircuitState, guarded
 from serve_app.clients.response_cache import ResponseCacheClient
+from serve_app.coalescing import Coalescer
+from serve_app.config import CircuitBreakerConfig
 from serve_app.messages import PreparedRequest, TextChunk
 from serve_app.metrics import RequestMetrics
 from serve_app.results import (
@@ -27,11 +32,18 @@ from serve_app.results import (
     CompletionResult,
     Request,
 )
-from serve_app.stores.response_store import CachedChoice, CachedResponse, is_cacheable
+from serve_app.stores.response_store import (
+    CachedChoice,
+    CachedResponse,
+    cache_key,
+    is_cacheable,
+)
 
 
 class CompletionService:
-    """Runs OpenAI-style requests through the batcher, with the response cache in front."""
+    """Runs OpenAI-style requests through the batcher, with the response cache in front, a
+    circuit breaker before the batcher, and identical deterministic requests in flight
+    coalesced into one generation."""
 
     def __init__(
         self,
@@ -40,22 +52,35 @@ class CompletionService:
         model_name: str,
         default_max_tokens: int,
         metrics: RequestMetrics,
+        aliases: Sequence[str] = (),
+        circuit_breaker: CircuitBreakerConfig | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.metrics = metrics
+        breaker_config = circuit_breaker or CircuitBreakerConfig()
+        self.breaker = (
+            CircuitBreaker(breaker_config, on_transition=metrics.circuit_changed)
+            if breaker_config.enabled
+            else None
+        )
+        self.coalescer: Coalescer[ChoiceDelta] | None = (
+            Coalescer(on_join=metrics.coalesced_requests.inc) if coalesce else None
+        )
         self.batcher = batcher
         self.cache = cache
         self.model_name = model_name
+        self.names = frozenset([model_name, *aliases])
         self.default_max_tokens = default_max_tokens
 
     def check_model(self, name: str) -> None:
-        """404 for a model this service does not serve."""
-        if name != self.model_name:
-            raise ApiError(
-                404,
-                f"the model '{name}' does not exist; this service serves '{self.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+        """404 for a model this service does not serve (by its name or an alias)."""
+        if name not in self.names:
+            raise model_not_found(name, [self.model_name])
+
+    @property
+    def circuit_state(self) -> CircuitState:
+        """The circuit breaker's state (closed when there is none)."""
+        return CircuitState.CLOSED if self.breaker is None else self.breaker.state
 
     async def run(
         self, request: Request, request_id: str, trace_context: Mapping[str, str] | None = None
@@ -68,13 +93,12 @@ class CompletionService:
             cached = await self._lookup(cacheable, span, request_id)
             if cached is not None:
                 return _from_cache(cached)
-            prepared = self._prepare(request, request_id, tracing.inject(span))
             accumulator = Accumulator.of(request)
-            async for delta in self._deltas(prepared, request.n):
-                accumulator.add(delta)
-            result = accumulator.result()
-            await self._store(cacheable, result, span, request_id)
-            return result
+            deltas = self._generation(request, request_id, span, cacheable)
+            async with aclosing(deltas):  # type: ignore[type-var]
+                async for delta in deltas:
+                    accumulator.add(delta)
+            return accumulator.result()
 
     async def stream(
         self, request: Request, request_id: str, trace_context: Mapping[str, str] | None = None
@@ -100,16 +124,37 @@ class CompletionService:
         cached = await self._lookup(cacheable, span, request_id)
         if cached is not None:
             return True, _replay(cached)
-        prepared = self._prepare(request, request_id, tracing.inject(span))
-        deltas = self._deltas(prepared, request.n)
-        if cacheable is not None:
-            accumulator = Accumulator.of(request)
-            deltas = self._stored_when_complete(cacheable, deltas, accumulator, span, request_id)
+        deltas = self._generation(request, request_id, span, cacheable)
         try:
             first = await anext(deltas)
         except StopAsyncIteration:
             raise ApiError(500, f"empty response (request id {request_id})") from None
+        except BaseException:
+            await deltas.aclose()  # type: ignore[attr-defined]  # a follower leaves its flight
+            raise
         return False, _Prepended(first, deltas)
+
+    def _generation(
+        self, request: Request, request_id: str, span: Span, cacheable: dict[str, Any] | None
+    ) -> AsyncIterator[ChoiceDelta]:
+        """The request's deltas from the batcher, through the circuit breaker, cached once
+        complete when ``cacheable``. An identical deterministic request already generating
+        is followed instead, from its first delta (docs/OPERATIONS.md, coalescing)."""
+
+        def generate() -> AsyncIterator[ChoiceDelta]:
+            prepared = self._prepare(request, request_id, tracing.inject(span))
+            deltas = self._deltas(prepared, request.n)
+            if self.breaker is not None:
+                deltas = guarded(self.breaker, deltas)
+            if cacheable is None:
+                return deltas
+            accumulator = Accumulator.of(request)
+            return self._stored_when_complete(cacheable, deltas, accumulator, span, request_id)
+
+        if cacheable is None or self.coalescer is None:
+            return generate()
+        # Any fixed version will do: a flight is of the version being served now.
+        return self.coalescer.stream(cache_key("in-flight", cacheable), generate)
 
     async def _stored_when_complete(
         self,
@@ -120,9 +165,10 @@ class CompletionService:
         request_id: str,
     ) -> AsyncIterator[ChoiceDelta]:
         """Pass a stream through and cache it once every choice has finished."""
-        async for delta in deltas:
-            accumulator.add(delta)
-            yield delta
+        async with aclosing(deltas) as items:  # type: ignore[type-var]
+            async for delta in items:
+                accumulator.add(delta)
+                yield delta
         await self._store(cacheable, accumulator.result(), span, request_id)
 
     def _prepare(
@@ -190,11 +236,16 @@ class CompletionService:
         ``ApiError``."""
         timer = _StreamTimer(self.metrics, time.perf_counter(), choices_per_prompt)
         streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
-        async for index, chunk in _merge(streams):
-            if chunk.error is not None:
-                raise ApiError.from_request_error(chunk.error)
-            timer.observe(index, chunk)
-            yield ChoiceDelta(index, chunk)
+        try:
+            async for index, chunk in _merge(streams):
+                if chunk.error is not None:
+                    raise ApiError.from_request_error(chunk.error)
+                timer.observe(index, chunk)
+                yield ChoiceDelta(index, chunk)
+        except BackPressureError as exc:
+            # The batcher's queue bound: mapped here, since Serve installs its own plain-text
+            # handler for this exception on the ingress app, ahead of ours.
+            raise to_api_error(exc, prepared[0].request_id) from None
 
     def _cacheable(self, request: Request) -> dict[str, Any] | None:
         """What identifies a deterministic request (prompt and every sampling parameter);
@@ -206,7 +257,18 @@ class CompletionService:
         if not is_cacheable(request.temperature, request.seed) or wants_logprobs:
             return None
         payload = request.model_dump(exclude={"stream", "stream_options", *request.IGNORED_FIELDS})
-        return {"kind": type(request).__name__, **payload}
+        # An alias is the same model: one key whichever name the request used.
+        return {"kind": type(request).__name__, **payload, "model": self.model_name}
+
+
+def model_not_found(name: str, served: Sequence[str]) -> ApiError:
+    """The 404 for a request naming a model that is not served."""
+    return ApiError(
+        404,
+        f"the model '{name}' does not exist; this service serves {', '.join(map(repr, served))}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 class _StreamTimer:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -110,8 +111,14 @@ def to_api_error(exc: BaseException, request_id: str) -> ApiError:
         return ApiError(503, str(exc), code="overloaded")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, "the model is unavailable; retry shortly", code="engine_dead")
-    if isinstance(exc, BackPressureError):
-        return ApiError(503, "the service is at capacity; retry shortly", code="overloaded")
+    if isinstance(exc, BackPressureError):  # a Serve queue bound (max_queued_requests) is full
+        retry_after = exc.retry_after_s
+        return ApiError(
+            503,
+            "the service is at capacity; retry shortly",
+            code="overloaded",
+            retry_after=None if retry_after is None else str(max(1, math.ceil(retry_after))),
+        )
     logger.error("request %s failed", request_id, exc_info=exc)
     return ApiError(500, f"internal error (request id {request_id})", type="server_error")
 

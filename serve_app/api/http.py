@@ -5,17 +5,21 @@ shape, the API's own documentation (``/docs``, ``/openapi.json``), and response 
 (No ``from __future__ import annotations`` here: FastAPI reads the signatures at runtime.)
 """
 
+import asyncio
 import copy
 import email.message
+import json
+import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from ray.serve import context as serve_context
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,11 +27,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api.auth import ApiKey, ApiKeyRegistry
 from serve_app.api.errors import ApiError, ErrorResponse, to_api_error
-from serve_app.metrics import request_metrics
+from serve_app.metrics import request_errors
 
 CACHE_HEADER = "X-Cache"
 OPEN_PATHS = ("/health",)  # answered without an API key, for load balancers and probes
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024  # IngressSettings sets the live value
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0  # likewise
 JSON = b"application/json"
 EVENT_STREAM_HEADERS = {"Cache-Control": "no-cache"}  # no proxy may cache or hold back a stream
 
@@ -103,11 +108,119 @@ app = FastAPI(
 )
 
 
+MAX_JSON_DEPTH = 32  # deeper bodies are a 400: no request type nests more than a few levels
+
+
+class _InvalidJson(ValueError):
+    """Raised from inside the JSON parser's hooks; becomes a 400."""
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, strictly (RFC 8259): UTF-8, no ``NaN``/``Infinity``, no number
+    out of a float's range, no key twice in an object, at most ``MAX_JSON_DEPTH`` levels.
+
+    Python's own parser accepts all of these; left to it, a duplicated key silently keeps its
+    last value and deep nesting fails later, in a recursive check, as a 500. Raises ``ApiError``
+    (400, ``invalid_json``) naming the problem.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _json_error(f"it is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as exc:
+        raise _json_error(f"{exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise _json_error(f"it nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # ours, or an integer literal of more than 4300 digits
+        raise _json_error(str(exc)) from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise _json_error(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _json_error(problem: str) -> ApiError:
+    return ApiError(400, f"the request body is not valid JSON: {problem}", code="invalid_json")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        keys = [key for key, _ in pairs]
+        duplicate = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise _InvalidJson(f"the key {duplicate!r} appears twice in one object")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise _InvalidJson(f"{name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if not math.isfinite(number):
+        raise _InvalidJson(f"the number {literal[:32]} is out of range")
+    return number
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` nests (iteratively: it may be deep)."""
+    deepest, pending = 0, [(value, 1)] if isinstance(value, dict | list) else []
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+class _StrictJsonRequest(Request):
+    """A request whose JSON body is ``parse_json``'s, parsed once."""
+
+    _parsed: Any
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_parsed"):
+            self._parsed = parse_json(await self.body())
+        return self._parsed
+
+
+class StrictJsonRoute(APIRoute):
+    """A route that parses a JSON body with ``parse_json`` before FastAPI reads it, so that a
+    bad body is a 400 naming its problem (FastAPI would answer "There was an error parsing the
+    body" for most, and accept the rest)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        takes_body = self.body_field is not None
+
+        async def parse_then_handle(request: Request) -> Response:
+            request = _StrictJsonRequest(request.scope, request.receive)
+            content_type = request.headers.get("content-type", "application/json")
+            if takes_body and is_json(content_type) and await request.body():
+                await request.json()  # raises here, outside FastAPI's catch-all
+            return await handler(request)
+
+        return parse_then_handle
+
+
+app.router.route_class = StrictJsonRoute
+
+
 class RequestBodyPolicy:
     """413 for a request body over ``app.state.max_request_body_bytes``, before any route reads
     it whole: at once when ``Content-Length`` says so, else as soon as the bytes received pass
-    the limit (a chunked body). A body sent without a ``Content-Type`` is read as JSON (recent
-    FastAPI would treat it as bytes and fail validation with a puzzling message)."""
+    the limit (a chunked body). 408 for a body not complete ``app.state.body_read_timeout_s``
+    after the request began (neither uvicorn nor Serve's proxy bounds a body's arrival, so a
+    client trickling bytes would hold the request forever). A body sent without a
+    ``Content-Type`` is read as JSON (recent FastAPI would treat it as bytes and fail
+    validation with a puzzling message)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -116,9 +229,10 @@ class RequestBodyPolicy:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = int(
-            getattr(scope["app"].state, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES)
-        )
+        state = scope["app"].state
+        limit = int(getattr(state, "max_request_body_bytes", DEFAULT_MAX_REQUEST_BODY_BYTES))
+        timeout_s = float(getattr(state, "body_read_timeout_s", DEFAULT_BODY_READ_TIMEOUT_S))
+        deadline = asyncio.get_running_loop().time() + timeout_s
         declared = _content_length(scope)
         if not any(name == b"content-type" for name, _ in scope["headers"]):
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", JSON)]}
@@ -127,13 +241,21 @@ class RequestBodyPolicy:
             await response(scope, receive, send)
             return
         received = 0
+        body_complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:  # later reads wait for a disconnect, for as long as a stream lasts
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except TimeoutError:
+                # FastAPI re-raises its HTTPException from body parsing (anything else is a 400).
+                raise HTTPException(408, _body_too_slow(timeout_s).message) from None
+            body_complete = message["type"] != "http.request" or not message.get("more_body")
             received += len(message.get("body", b""))
             if received > limit:
-                # FastAPI re-raises its HTTPException from body parsing (anything else is a 400).
                 raise HTTPException(413, _body_too_large(limit).message)
             return message
 
@@ -156,13 +278,20 @@ def _body_too_large(limit: int) -> ApiError:
 
 app.add_middleware(RequestBodyPolicy)
 
-_FRAMEWORK_CODES = {413: "request_too_large"}
+
+def _body_too_slow(timeout_s: float) -> ApiError:
+    return ApiError(
+        408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout"
+    )
+
+
+_FRAMEWORK_CODES = {408: "request_timeout", 413: "request_too_large"}
 
 
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     """The JSON error response for any exception."""
     error = to_api_error(exc, request_id)
-    request_metrics().errors.inc(tags={"error_type": error.type})
+    request_errors().inc(tags={"error_type": error.type})
     headers = {"Retry-After": error.retry_after} if error.retry_after else {}
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"  # RFC 9110: a 401 names the scheme to use

@@ -14,7 +14,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from serve_app.api.errors import ErrorInfo, InvalidParam
-from serve_app.api.openai import MAX_STOP_STRINGS, CompletionRequest, StrictRequest
+from serve_app.api.openai import (
+    MAX_STOP_STRINGS,
+    CompletionRequest,
+    StrictRequest,
+    json_schema_output,
+)
 from serve_app.api.openai_responses import Usage
 
 MAX_BATCH_ITEMS = 256
@@ -37,6 +42,21 @@ class InferRequest(StrictRequest):
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Reproducible sampling.")
     user_id: str | None = Field(default=None, description="Caller's user id, for logs.")
     session_id: str | None = Field(default=None, description="Caller's session id, for logs.")
+    # Additional fields, beyond the seed's.
+    model: str | None = Field(
+        default=None, description="Served model (name or alias); the first one when unset."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="The text is JSON matching this JSON Schema (OpenAI's json_schema format).",
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def _compiles(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            json_schema_output("json_schema", schema)
+        return schema
 
     @field_validator("stop_words")
     @classmethod
@@ -56,6 +76,7 @@ class InferRequest(StrictRequest):
             stop=self.stop_words or None,
             seed=self.seed,
             user=self.user_id,
+            guided_json=self.json_schema,
         )
 
 
@@ -139,3 +160,8 @@ class Health(BaseModel):
 
     status: str = Field(description="ok, or unavailable (with status 503).")
     time: datetime = Field(description="The server's time (UTC).")
+    circuit_breakers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Each model's circuit breaker: closed, open or half_open; while one is "
+        "open the status is unavailable.",
+    )

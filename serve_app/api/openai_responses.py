@@ -81,11 +81,31 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class FunctionCall(BaseModel):
+    """The function a tool call calls, with its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of the assistant's reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
-    """The assistant's reply."""
+    """The assistant's reply: content, tool calls, or both (content is null with calls only)."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(BaseModel):
@@ -108,11 +128,28 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    """A streamed fragment of a call: the name in its first delta, then arguments' text."""
+
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed fragment of tool call ``index``; its first one carries the id and type."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     """The new part of the assistant's message in a chunk."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChunkChoice(BaseModel):
@@ -142,6 +179,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "serve_app"
+    root: str | None = Field(default=None, description="The served model this name runs.")
+    parent: str | None = Field(
+        default=None, description="For an alias, the model it names; null otherwise."
+    )
+    max_model_len: int | None = Field(
+        default=None, description="Context length: prompt and completion tokens together."
+    )
 
 
 class ModelList(BaseModel):

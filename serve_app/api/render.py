@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from serve_app.api import tool_calls
 from serve_app.api.errors import ApiError
 from serve_app.api.native import Health, InferResponse, ModelInfo
 from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
@@ -25,11 +26,17 @@ from serve_app.api.openai_responses import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCall,
+    FunctionCallDelta,
     PromptLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     new_id,
 )
+from serve_app.api.tool_calls import ToolCallFormat, ToolCallStream
+from serve_app.circuit_breaker import CircuitState
 from serve_app.messages import ModelDescription, PromptToken, TokenText
 from serve_app.results import Accumulator, ChoiceDelta, ChoiceResult, CompletionResult
 
@@ -62,21 +69,43 @@ def completion_response(
     )
 
 
-def chat_response(request_id: str, model: str, result: CompletionResult) -> ChatCompletionResponse:
-    """A finished ``chat.completion``."""
+def chat_response(
+    request_id: str,
+    model: str,
+    result: CompletionResult,
+    tool_format: ToolCallFormat | None = None,
+) -> ChatCompletionResponse:
+    """A finished ``chat.completion``; with ``tool_format``, the tool calls in each choice's
+    text become its message's ``tool_calls`` (a cached answer's too: the cache keeps text)."""
     return ChatCompletionResponse(
         id=request_id,
         model=model,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=_chat_logprobs(c.logprobs) if c.logprobs else None,
-                finish_reason=c.finish_reason,
-            )
-            for i, c in enumerate(result.choices)
-        ],
+        choices=[_chat_choice(i, c, tool_format) for i, c in enumerate(result.choices)],
         usage=result.usage,
+    )
+
+
+def _chat_choice(
+    index: int, choice: ChoiceResult, tool_format: ToolCallFormat | None
+) -> ChatChoice:
+    message = ChatResponseMessage(content=choice.text)
+    finish_reason = choice.finish_reason
+    extracted = tool_format.extract(choice.text) if tool_format is not None else None
+    if extracted is not None and extracted.calls:
+        calls = [
+            ToolCall(
+                id=tool_calls.new_call_id(),
+                function=FunctionCall(name=c.name, arguments=c.arguments),
+            )
+            for c in extracted.calls
+        ]
+        message = ChatResponseMessage(content=extracted.content, tool_calls=calls)
+        finish_reason = tool_calls.finish_reason(finish_reason, has_calls=True)
+    return ChatChoice(
+        index=index,
+        message=message,
+        logprobs=_chat_logprobs(choice.logprobs) if choice.logprobs else None,
+        finish_reason=finish_reason,
     )
 
 
@@ -117,6 +146,46 @@ def chat_chunk(request_id: str, model: str, delta: ChoiceDelta) -> ChatCompletio
         finish_reason=chunk.finish_reason,
     )
     return ChatCompletionChunk(id=request_id, model=model, choices=[choice])
+
+
+class _ToolCallChunks:
+    """Chat chunks of a stream whose text holds tool calls: each choice's text goes through
+    its own reader, which may hold text back (a call being written); a chunk that lets
+    nothing out is not sent."""
+
+    def __init__(self, tool_format: ToolCallFormat) -> None:
+        self._format = tool_format
+        self._readers: dict[int, ToolCallStream] = {}
+        self._called: set[int] = set()  # choices that made a call
+
+    def chunk(self, request_id: str, model: str, delta: ChoiceDelta) -> ChatCompletionChunk | None:
+        """The chunk of ``delta``, or None when it lets nothing out yet."""
+        chunk = delta.chunk
+        reader = self._readers.setdefault(delta.index, self._format.stream())
+        pieces = reader.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            pieces.extend(reader.end())
+        if pieces.calls:
+            self._called.add(delta.index)
+        finish_reason = tool_calls.finish_reason(chunk.finish_reason, delta.index in self._called)
+        if not (pieces.content or pieces.calls or chunk.logprobs or finish_reason):
+            return None
+        calls = [
+            ToolCallDelta(
+                index=piece.index,
+                id=tool_calls.new_call_id() if piece.name is not None else None,
+                type="function" if piece.name is not None else None,
+                function=FunctionCallDelta(name=piece.name, arguments=piece.arguments),
+            )
+            for piece in pieces.calls
+        ]
+        choice = ChatChunkChoice(
+            index=delta.index,
+            delta=ChatDelta(content=pieces.content or None, tool_calls=calls or None),
+            logprobs=_chat_logprobs(chunk.logprobs) if chunk.logprobs else None,
+            finish_reason=finish_reason,
+        )
+        return ChatCompletionChunk(id=request_id, model=model, choices=[choice])
 
 
 def chat_role_chunk(request_id: str, model: str, n: int) -> ChatCompletionChunk:
@@ -214,11 +283,16 @@ async def completion_chunks(
 
 
 async def chat_chunks(
-    body: ChatCompletionRequest, deltas: AsyncIterator[ChoiceDelta], accumulator: Accumulator
+    body: ChatCompletionRequest,
+    deltas: AsyncIterator[ChoiceDelta],
+    accumulator: Accumulator,
+    tool_format: ToolCallFormat | None = None,
 ) -> AsyncIterator[ChatCompletionChunk]:
     """The assistant role first, then content chunks, then usage when asked; with
-    ``continuous_usage_stats`` every chunk carries the usage so far, as vLLM's do."""
+    ``continuous_usage_stats`` every chunk carries the usage so far, as vLLM's do. With
+    ``tool_format``, tool calls in the text stream as ``delta.tool_calls`` like OpenAI's."""
     response_id = new_id("chatcmpl")
+    tool_chunks = _ToolCallChunks(tool_format) if tool_format is not None else None
     role_sent = False
     async for delta in deltas:
         if not role_sent:
@@ -227,7 +301,13 @@ async def chat_chunks(
             yield _role_chunk(body, response_id, delta.chunk.prompt_tokens)
             role_sent = True
         accumulator.add(delta)
-        chunk = chat_chunk(response_id, body.model, delta)
+        if tool_chunks is None:
+            chunk = chat_chunk(response_id, body.model, delta)
+        else:
+            tool_chunk = tool_chunks.chunk(response_id, body.model, delta)
+            if tool_chunk is None:
+                continue
+            chunk = tool_chunk
         if body.continuous_usage:
             chunk.usage = accumulator.result().usage
         yield chunk
@@ -301,9 +381,11 @@ def model_info(name: str, description: ModelDescription) -> ModelInfo:
     )
 
 
-def health(stats: dict[str, float] | None) -> Health:
-    """``/health``: ok with the model replica's ``stats``, or unavailable when none answered."""
+def health(stats: dict[str, float] | None, circuits: dict[str, str] | None = None) -> Health:
+    """``/health``: ok with the model replica's ``stats``; unavailable when none answered or
+    a model's circuit breaker (``circuits``, by model) is open."""
     now = datetime.now(UTC)
-    if stats is None:
-        return Health(status="unavailable", time=now)
-    return Health(status="ok", time=now, **stats)
+    circuits = circuits or {}
+    ok = stats is not None and CircuitState.OPEN.label not in circuits.values()
+    status = "ok" if ok else "unavailable"
+    return Health(status=status, time=now, circuit_breakers=circuits, **(stats or {}))

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
 from serve_app.api.tokenize import TokenizeRequest
-from serve_app.config import BatcherConfig, TracingConfig
+from serve_app.config import DRAIN_POLL_S, BatcherConfig, TracingConfig
 from serve_app.messages import (
     DetokenizedText,
     PreparedRequest,
@@ -43,7 +43,7 @@ ABORT_TIMEOUT_S = 5.0
 MAX_MICRO_BATCHES = 256  # in flight at once per batcher replica
 
 
-@serve.deployment(max_ongoing_requests=1024)
+@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
 class Batcher:
     """Tokenizes, micro-batches and detokenizes; never runs the model itself."""
 
@@ -160,7 +160,8 @@ class Batcher:
             yield batch.collect()
         except (Exception, ModelStreamCancelled) as exc:  # tell every caller, never hang
             logger.warning("micro-batch stream failed: %r", exc)
-            batch.fail_unfinished(RequestError(503, "the model replica failed; retry the request"))
+            failed = "the model replica failed; retry the request"
+            batch.fail_unfinished(RequestError(503, failed, code="model_failed"))
             yield batch.collect()
         finally:
             self._active_streams -= len(batch.runnable)

@@ -6,6 +6,7 @@ annotations`` here: FastAPI reads the route signatures at runtime.)
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
@@ -35,7 +37,6 @@ from serve_app.api.openai_responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
-    ModelCard,
     ModelList,
     new_id,
 )
@@ -45,12 +46,12 @@ from serve_app.api.tokenize import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from serve_app.api.tool_calls import ToolCallFormat
 from serve_app.clients.rate_limiter import RateLimitClient
-from serve_app.clients.response_cache import ResponseCacheClient
-from serve_app.config import IngressSettings
-from serve_app.messages import DetokenizedText, ModelDescription, TokenizedPrompt
-from serve_app.metrics import node_metrics_text, request_metrics
-from serve_app.orchestration import CompletionService
+from serve_app.config import DRAIN_POLL_S, INGRESS_GRACE_S, IngressSettings
+from serve_app.messages import DetokenizedText, TokenizedPrompt
+from serve_app.metrics import node_metrics_text
+from serve_app.model_catalog import ModelCatalog, ServedModel
 from serve_app.results import Accumulator, CompletionResult
 
 logger = logging.getLogger("ray.serve")
@@ -70,36 +71,40 @@ def _revalidate(body: Any) -> Any:
         raise to_api_error(exc, "handle") from None
 
 
-@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+@serve.deployment(
+    max_ongoing_requests=1024,
+    # Past these many waiting at the proxy too, Serve's proxy answers 503 (plain text) at once.
+    max_queued_requests=1024,
+    backpressure_config=BackpressureConfig(retry_after_s=1),
+    ray_actor_options={"num_cpus": 0},
+    graceful_shutdown_timeout_s=INGRESS_GRACE_S,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+)
 @serve.ingress(app)
 class Ingress:
-    """HTTP routes and handle methods over one served model."""
+    """HTTP routes and handle methods over the served models, routed by ``model``."""
 
     def __init__(
         self,
-        batcher: DeploymentHandle,
-        model: DeploymentHandle,
-        cache: DeploymentHandle | None,
+        models: list[ServedModel],
         rate_limiter: DeploymentHandle | None,
         settings: IngressSettings,
     ) -> None:
         self._tracer_provider = tracing.configure(settings.tracing, "Ingress")
-        self.model = model
+        self.catalog = ModelCatalog(
+            models,
+            settings.default_max_tokens,
+            settings.circuit_breaker,
+            settings.coalesce_requests,
+        )
         self.settings = settings
         self.api_keys = ApiKeyRegistry(settings.auth)
         warn_if_open(self.api_keys, logger)
         app.state.api_keys = self.api_keys
         app.state.max_request_body_bytes = settings.max_request_body_bytes
-        self.batcher = batcher
+        app.state.body_read_timeout_s = settings.body_read_timeout_s
         self.limits = RateLimitClient(
             rate_limiter, settings.auth.rate_limit_timeout_s, settings.auth.rate_limit_fail_open
-        )
-        self.service = CompletionService(
-            batcher,
-            ResponseCacheClient(cache),
-            settings.model_name,
-            settings.default_max_tokens,
-            request_metrics(),
         )
 
     # OpenAI-compatible API
@@ -126,17 +131,18 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions."""
         if body.stream:
-            return await self._stream(request, body, render.chat_chunks)
+            chunks = functools.partial(render.chat_chunks, tool_format=self._tool_format(body))
+            return await self._stream(request, body, chunks)
         result = await self._run(request, body, request_id())
         return cached_json(
-            render.chat_response(new_id("chatcmpl"), body.model, result), result.cache_hit
+            render.chat_response(new_id("chatcmpl"), body.model, result, self._tool_format(body)),
+            result.cache_hit,
         )
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
-        """The served model."""
-        created = int((await self._describe()).loaded_at)
-        return ModelList(data=[ModelCard(id=self.settings.model_name, created=created)])
+        """Every served model, then each alias (with the model it names as its parent)."""
+        return ModelList(data=await self.catalog.cards())
 
     # Native API
 
@@ -175,20 +181,26 @@ class Ingress:
         )
 
     @app.get("/v1/model_info")
-    async def model_info(self) -> ModelInfo:
+    async def model_info(self, model: str | None = None) -> ModelInfo:
         """The seed's ``ModelInfo`` (name, version, type, parameters, max_tokens, created_at),
-        plus the backend."""
-        return render.model_info(self.settings.model_name, await self._describe())
+        plus the backend, of ``model`` (default: the first served)."""
+        name = self.catalog.get(model).name
+        return render.model_info(name, await self.catalog.describe(name))
 
     @app.get("/health", response_model=Health)
     async def health(self) -> JSONResponse:
-        """200 once a model replica answers; 503 before that and while none does."""
+        """200 once a replica of every model answers (with the first model's queue numbers);
+        503 before that, while one does not, and while a model's circuit breaker is open."""
+        circuits = self.catalog.circuit_states()
         try:
-            stats = await asyncio.wait_for(self.model.stats.remote(), HEALTH_TIMEOUT_S)
+            calls = [m.model.stats.remote() for m in self.catalog.models]
+            stats, *_ = await asyncio.wait_for(asyncio.gather(*calls), HEALTH_TIMEOUT_S)
         except Exception as exc:
             logger.warning("health check failed: %r", exc)
-            return JSONResponse(render.health(None).model_dump(mode="json"), status_code=503)
-        return JSONResponse(render.health(stats).model_dump(mode="json"))
+            stats = None
+        body = render.health(stats, circuits)
+        status = 200 if body.status == "ok" else 503
+        return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> Response:
@@ -201,10 +213,9 @@ class Ingress:
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """A prompt's (or a chat's) token ids, as a completion of it would give the model."""
-        if body.model is not None:
-            self.service.check_model(body.model)
-        call = self.batcher.tokenize.remote(body)  # runs while the model is described
-        description = await self._describe()
+        model = self.catalog.get(body.model)
+        call = model.batcher.tokenize.remote(body)  # runs while the model is described
+        description = await self.catalog.describe(model.name)
         tokenized: TokenizedPrompt = await call
         if tokenized.error is not None:
             raise ApiError.from_request_error(tokenized.error)
@@ -219,9 +230,8 @@ class Ingress:
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         """The text of token ids."""
-        if body.model is not None:
-            self.service.check_model(body.model)
-        detokenized: DetokenizedText = await self.batcher.detokenize.remote(body.tokens)
+        model = self.catalog.get(body.model)
+        detokenized: DetokenizedText = await model.batcher.detokenize.remote(body.tokens)
         if detokenized.error is not None:
             raise ApiError.from_request_error(detokenized.error)
         return DetokenizeResponse(prompt=detokenized.text)
@@ -232,27 +242,28 @@ class Ingress:
     async def generate(self, body: CompletionRequest) -> CompletionResponse:
         """A completion, validated and failing exactly as over HTTP (raises ``ApiError``)."""
         body = _revalidate(body)
-        result = await self.service.run(body, request_id())
+        result = await self.catalog.service(body.model).run(body, request_id())
         return render.completion_response(new_id("cmpl"), body.model, result)
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         """A chat completion (raises ``ApiError``)."""
         body = _revalidate(body)
-        result = await self.service.run(body, request_id())
-        return render.chat_response(new_id("chatcmpl"), body.model, result)
+        result = await self.catalog.service(body.model).run(body, request_id())
+        return render.chat_response(new_id("chatcmpl"), body.model, result, self._tool_format(body))
 
     async def stream(self, body: CompletionRequest) -> AsyncIterator[CompletionResponse]:
         """Completion chunks; the last one carries usage when ``stream_options`` asks."""
         body = _revalidate(body)
-        _, deltas = await self.service.stream(body, request_id())
+        _, deltas = await self.catalog.service(body.model).stream(body, request_id())
         async for chunk in render.completion_chunks(body, deltas, Accumulator.of(body)):
             yield chunk
 
     async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Chat chunks: the assistant role first, then content, then usage if asked."""
         body = _revalidate(body)
-        _, deltas = await self.service.stream(body, request_id())
-        async for chunk in render.chat_chunks(body, deltas, Accumulator.of(body)):
+        _, deltas = await self.catalog.service(body.model).stream(body, request_id())
+        tool_format = self._tool_format(body)
+        async for chunk in render.chat_chunks(body, deltas, Accumulator.of(body), tool_format):
             yield chunk
 
     # Adapters shared by the routes
@@ -262,7 +273,8 @@ class Ingress:
         reservation = await self._admit(request, body)
         used = 0
         try:
-            result = await self.service.run(body, rid, tracing.from_headers(request.headers))
+            service = self.catalog.service(body.model)
+            result = await service.run(body, rid, tracing.from_headers(request.headers))
             used = result.usage.total_tokens
             return result
         finally:
@@ -283,7 +295,8 @@ class Ingress:
         try:
             # Not started within the keep-alive interval (queued, prefilling): the stream
             # begins anyway, with keep-alive comments, and a later failure is an error event.
-            start = self.service.stream(body, rid, tracing.from_headers(request.headers))
+            service = self.catalog.service(body.model)
+            start = service.stream(body, rid, tracing.from_headers(request.headers))
             cache_hit, deltas = await sse.started_within(start, keep_alive_s)
         except BaseException:
             await self.limits.settle(reservation, 0)
@@ -305,8 +318,11 @@ class Ingress:
         tokens = body.reserved_tokens(self.settings.default_max_tokens)
         return await self.limits.admit(key, self.api_keys.limits_for(key), tokens)
 
+    def _tool_format(self, body: ChatCompletionRequest) -> ToolCallFormat | None:
+        return body.tool_call_format(self.settings.tool_call_parser)
+
     def _as_completion(self, body: InferRequest) -> CompletionRequest:
-        return body.to_completion_request(self.settings.model_name)
+        return body.to_completion_request(self.catalog.get(body.model).name)
 
     async def _infer_item(self, request: Request, item: Any, rid: str) -> InferResponse:
         started = time.perf_counter()
@@ -316,10 +332,6 @@ class Ingress:
         except Exception as exc:
             return render.infer_failure(to_api_error(exc, rid), time.perf_counter() - started)
         return render.infer_response(result, time.perf_counter() - started)
-
-    async def _describe(self) -> ModelDescription:
-        description: ModelDescription = await self.model.describe.remote()
-        return description
 
     def __del__(self) -> None:
         tracing.shutdown(getattr(self, "_tracer_provider", None))  # exports what it buffers

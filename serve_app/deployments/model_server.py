@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
 from serve_app.clients.best_effort import BestEffortHandle
-from serve_app.config import ModelSource, TracingConfig
+from serve_app.config import DRAIN_POLL_S, ModelSource, TracingConfig
 from serve_app.deployments.replica_router import ReplicaAffinityRouter
 from serve_app.engine import EngineOptions, GenerationRequest, SequenceOutput
 from serve_app.messages import ModelDescription, ModelStep, RejectedRequest
@@ -36,6 +36,7 @@ CACHE_TIMEOUT_S = 1.0
     health_check_period_s=5,
     # On stop, Serve stops routing here and waits this long for streams in flight to finish.
     graceful_shutdown_timeout_s=120,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     request_router_config={"request_router_class": ReplicaAffinityRouter},
 )
 class LLMModel:

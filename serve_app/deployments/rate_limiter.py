@@ -6,10 +6,16 @@ from __future__ import annotations
 from ray import serve
 
 from serve_app.api.auth import KeyLimits
+from serve_app.config import DRAIN_POLL_S
 from serve_app.stores.rate_buckets import Decision, RateLimitStore
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+)
 class RateLimiter:
     """The single, cluster-wide replica holding every key's buckets."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.config import ResponseCacheConfig
+from serve_app.config import DRAIN_POLL_S, ResponseCacheConfig
 from serve_app.stores.response_store import (
     CachedResponse,
     CacheStats,
@@ -28,6 +28,7 @@ from serve_app.stores.response_store import (
     max_ongoing_requests=1000,
     # Lookups take microseconds; waiting longer would only wait out the ingresses' long polls.
     graceful_shutdown_timeout_s=2.0,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
 )
 class ResponseCache:
     """The single, cluster-wide replica holding the response store."""

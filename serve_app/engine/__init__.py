@@ -23,6 +23,7 @@ from serve_app.engine.model_config import ModelConfig, ModelLoadError
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import FinishReason, SequenceOutput, TokenLogprob
 from serve_app.engine.stats import StepStats
+from serve_app.engine.structured import InvalidStructuredOutput, StructuredOutput
 
 __all__ = [
     "AsyncLLMEngine",
@@ -36,12 +37,14 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "InvalidRequestError",
+    "InvalidStructuredOutput",
     "LLMEngine",
     "ModelConfig",
     "ModelLoadError",
     "SamplingParams",
     "SequenceOutput",
     "StepStats",
+    "StructuredOutput",
     "SubmittedBatch",
     "TokenLogprob",
     "load_decoder",

@@ -2,17 +2,20 @@
 
 Sequences join the running batch at the step after they arrive (their prompt is prefilled in
 that step, in one bounded call, beside the decode of the running batch) and leave the moment
-they finish or are aborted, freeing their rows of the KV cache.
+they finish or are aborted, freeing their rows of the KV cache. A structured sequence's grammar
+masks its logits at every step (``constrained.py``); its masks are computed while the model runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future
 
 import numpy as np
 
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.constrained import ConstrainedDecoding, TokenMasks
 from serve_app.engine.decoder import Decoder
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
@@ -35,6 +38,7 @@ class LLMEngine:
             config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens
         )
         self.sampler = Sampler(self.model_config.vocab_size, self.model_config.eos_token_ids)
+        self.constraints = ConstrainedDecoding.for_model(config.model_path, self.model_config)
         self.running: list[Sequence] = []
         self.cache: BatchKVCache | None = None
         self._seed_sequence = np.random.SeedSequence(config.seed)
@@ -83,7 +87,8 @@ class LLMEngine:
         (``ahead`` sequences already wait), this model and the KV-cache budget.
 
         Raises ``EngineOverloadedError``, or ``InvalidRequestError`` naming the parameter at
-        fault. The sequence is not queued: ``enqueue`` does that, on the engine's thread.
+        fault (``structured`` when its grammar does not compile against this model's
+        tokenizer). The sequence is not queued: ``enqueue`` does that, on the engine's thread.
         """
         if ahead >= self.config.max_waiting_seqs:
             raise EngineOverloadedError(
@@ -103,6 +108,8 @@ class LLMEngine:
                 f"budget of {self.config.kv_cache_tokens} tokens",
                 "max_tokens",
             )
+        if params.structured is not None:
+            sequence.matcher = self.constraints.matcher(params.structured)
         return sequence
 
     def enqueue(self, sequence: Sequence) -> None:
@@ -196,9 +203,10 @@ class LLMEngine:
         input_ids = np.array([[s.last_token_id] for s in self.running], dtype=np.int64)
         positions = np.array([[s.length - 1] for s in self.running], dtype=np.int64)
         mask = self.cache.decode_mask()
+        token_masks = self.constraints.start_masks(self.running)
         result = self.decoder.forward(input_ids, mask, positions, self.cache.values)
         self.cache.advance(result.present, mask)
-        outputs = self._append_tokens(self.running, result.logits)
+        outputs = self._append_tokens(self.running, result.logits, token_masks)
         self._release_finished()
         return outputs
 
@@ -212,6 +220,7 @@ class LLMEngine:
             mask[row, pad_to - seq.num_prompt_tokens :] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
         scoring = any(s.params.prompt_logprobs is not None for s in newcomers)
+        token_masks = self.constraints.start_masks(_generating(newcomers))
         result = self.decoder.forward(
             input_ids,
             mask,
@@ -219,7 +228,9 @@ class LLMEngine:
             self.decoder.ops.empty(len(newcomers)),
             all_positions=scoring,
         )
-        outputs = self._prefill_outputs(newcomers, result.logits, result.all_logits, started)
+        outputs = self._prefill_outputs(
+            newcomers, result.logits, result.all_logits, started, token_masks
+        )
         joined = BatchKVCache(result.present, mask, self.decoder.ops)
         self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
         self.running.extend(newcomers)
@@ -232,9 +243,11 @@ class LLMEngine:
         logits: np.ndarray,
         all_logits: np.ndarray | None,
         started: float,
+        token_masks: Future[TokenMasks] | None,
     ) -> list[SequenceOutput]:
         """The first token of each newcomer, with its prompt's logprobs where asked; one that
-        asked for no tokens (``max_tokens`` 0) only has its prompt scored and finishes."""
+        asked for no tokens (``max_tokens`` 0) only has its prompt scored and finishes.
+        ``token_masks`` are those of the newcomers that generate, in order."""
         scored: list[tuple[TokenLogprob | None, ...] | None] = []
         for row, seq in enumerate(newcomers):
             n_top = seq.params.prompt_logprobs
@@ -245,7 +258,7 @@ class LLMEngine:
             prompt_logits = all_logits[row, all_logits.shape[1] - seq.num_prompt_tokens :]
             scored.append(prompt_logprobs(prompt_logits, seq.prompt_token_ids, n_top))
         generating = [row for row, s in enumerate(newcomers) if s.params.max_tokens > 0]
-        sampled = iter(self._append_tokens([newcomers[r] for r in generating], logits[generating]))
+        sampled = iter(self._append_tokens(_generating(newcomers), logits[generating], token_masks))
         outputs = []
         for seq, prompt in zip(newcomers, scored, strict=True):
             if seq.params.max_tokens > 0:
@@ -258,8 +271,14 @@ class LLMEngine:
             )
         return outputs
 
-    def _append_tokens(self, sequences: list[Sequence], logits: np.ndarray) -> list[SequenceOutput]:
-        sampled = self.sampler(logits, sequences)
+    def _append_tokens(
+        self,
+        sequences: list[Sequence],
+        logits: np.ndarray,
+        token_masks: Future[TokenMasks] | None,
+    ) -> list[SequenceOutput]:
+        masks = None if token_masks is None else token_masks.result()
+        sampled = self.sampler(logits, sequences, masks)
         outputs = []
         for seq, token_id, logprob in zip(
             sequences, sampled.token_ids.tolist(), sampled.logprobs, strict=True
@@ -270,6 +289,8 @@ class LLMEngine:
         return outputs
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        if seq.matcher is not None and self.constraints.advance(seq.matcher, token_id):
+            return FinishReason.STOP  # the grammar's end, whatever min_tokens or ignore_eos say
         params = seq.params
         stops = token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in self.model_config.eos_token_ids
@@ -303,3 +324,8 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
         )
+
+
+def _generating(newcomers: list[Sequence]) -> list[Sequence]:
+    """The newcomers that sample a first token (those with ``max_tokens`` 0 only score)."""
+    return [s for s in newcomers if s.params.max_tokens > 0]

@@ -1,9 +1,11 @@
 """Vectorized token sampling over a batch of sequences.
 
 Each row is processed in the order vLLM and Hugging Face use: penalties, then the min_tokens
-ban on stop tokens, then greedy argmax or temperature, top-k, top-p and min-p filtering and a
-draw. Every sequence owns its random generator and draws exactly one number per step, so a
-seeded request samples the same tokens whatever else shares the batch.
+ban on stop tokens, then a structured row's grammar mask, then greedy argmax or temperature,
+top-k, top-p and min-p filtering and a draw. Every sequence owns its random generator and draws
+exactly one number per step, so a seeded request samples the same tokens whatever else shares
+the batch. Logprobs always describe the model's own distribution, before penalties, filters and
+grammar masks (vLLM's default ``raw_logprobs``): a constrained token may have a low logprob.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve_app.engine.constrained import TokenMasks
 from serve_app.engine.sequence import Sequence, TokenLogprob
 
 
@@ -30,14 +33,22 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: np.ndarray, sequences: list[Sequence]) -> SamplerOutput:
-        """Sample one token per row of ``logits`` ([batch, vocab]) for ``sequences``."""
+    def __call__(
+        self, logits: np.ndarray, sequences: list[Sequence], masks: TokenMasks | None = None
+    ) -> SamplerOutput:
+        """Sample one token per row of ``logits`` ([batch, vocab]) for ``sequences``, each
+        constrained row (``masks``) among the tokens its grammar allows. With ``masks`` and no
+        row asking for logprobs, ``logits`` is masked in place rather than copied."""
         raw = logits
         if any(s.params.has_penalties or len(s.output_token_ids) < s.params.min_tokens
                for s in sequences):  # fmt: skip
             logits = logits.copy()  # keep the raw logits for logprobs
             self._apply_penalties(logits, sequences)
             self._ban_early_stop(logits, sequences)
+        if masks is not None:
+            if logits is raw and any(s.params.logprobs is not None for s in sequences):
+                logits = logits.copy()  # keep the raw logits for logprobs
+            masks.apply(logits)
         greedy = np.array([s.params.greedy for s in sequences], dtype=bool)
         if greedy.all():  # the common serving case: one argmax, no per-row work
             token_ids = logits.argmax(axis=1)
@@ -73,7 +84,8 @@ class Sampler:
 
     def _ban_early_stop(self, logits: np.ndarray, sequences: list[Sequence]) -> None:
         for row, seq in enumerate(sequences):
-            if len(seq.output_token_ids) < seq.params.min_tokens:
+            # A grammar decides where structured output ends; banning its end could leave no token.
+            if len(seq.output_token_ids) < seq.params.min_tokens and seq.matcher is None:
                 banned = list(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos:
                     banned.extend(self.eos_token_ids)

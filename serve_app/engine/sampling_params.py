@@ -9,21 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serve_app.engine.structured import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this decodes greedily
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is decoded.
 
-    ``temperature == 0`` means greedy decoding; every other filter then has no effect.
+    ``temperature`` 0 (or under ``GREEDY_BELOW_TEMPERATURE``) means greedy decoding; every other
+    filter then has no effect.
     ``top_k == 0`` and ``top_p == 1`` disable those filters. ``logprobs`` is the number of
     top alternatives to return per token (``0``: only the sampled token's logprob,
     ``None``: no logprobs at all). ``prompt_logprobs`` asks the same of every prompt token
     given the tokens before it (the first has none); with it, ``max_tokens`` may be 0: the
     prompt is scored and nothing generated. ``fit_to_context``: a ``max_tokens`` that the
     context cannot hold is shortened to the room left instead of refused (for chat requests
-    that gave no ``max_tokens``).
+    that gave no ``max_tokens``). ``structured``: what the output must match (a JSON Schema,
+    regex, choice or grammar), enforced token by token; the sequence ends (``stop``) where the
+    grammar does, whatever ``min_tokens`` and ``ignore_eos`` say.
     """
 
     max_tokens: int = 16
@@ -41,11 +47,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     fit_to_context: bool = False
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
         """Whether the next token is always the most likely one."""
-        return self.temperature == 0
+        # As vLLM: dividing logits by a smaller temperature overflows float32 and samples noise.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

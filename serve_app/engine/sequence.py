@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from llguidance import LLMatcher
 
 from serve_app.engine.sampling_params import SamplingParams
 
@@ -14,7 +15,7 @@ from serve_app.engine.sampling_params import SamplingParams
 class FinishReason(str, enum.Enum):
     """Why a sequence stopped, in OpenAI's words."""
 
-    STOP = "stop"  # an end-of-sequence or stop token was sampled
+    STOP = "stop"  # an end-of-sequence or stop token was sampled, or the grammar ended
     LENGTH = "length"  # max_tokens or the context length was reached
     ABORT = "abort"  # the caller cancelled it
 
@@ -59,7 +60,8 @@ class SequenceOutput:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's prompt and generated tokens as the engine tracks them."""
+    """One request's prompt and generated tokens as the engine tracks them; ``matcher``, for a
+    structured request, is its grammar's state after the tokens generated so far."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -69,6 +71,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    matcher: LLMatcher | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

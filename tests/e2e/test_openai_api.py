@@ -161,7 +161,11 @@ def test_sdk_sees_errors_as_api_errors(served_app: str) -> None:
         ("/v1/completions", {"model": "demo", "prompt": "word " * 3000}, "prompt"),
         ("/v1/chat/completions", {"model": "demo", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "x"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"model": "demo", "messages": MESSAGES, "tools": [{}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"model": "demo", "messages": MESSAGES, "tools": [{}]},
+            "tools.0.type",
+        ),
         ("/v1/completions", {"model": "demo", "prompt": "x\ud800"}, "prompt"),
         (
             "/v1/chat/completions",

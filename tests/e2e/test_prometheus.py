@@ -69,7 +69,7 @@ def prometheus(served_app: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
 
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval="2s", scrape_timeout="2s", evaluation_interval="1s")
     config["rule_files"] = [str(ALERTS)]
     (job,) = config["scrape_configs"]
     job["file_sd_configs"] = [{"files": [str(discovery)], "refresh_interval": "1s"}]

@@ -5,50 +5,32 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from serve_app.bench.serve_run import ROOT
+from serve_app.bench.serve_run import serve_run_process as bench_serve_run
 from tests.e2e.conftest import free_port, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[2]
+IDLE_EXIT_S = 10.0  # issue 17: `serve run` exits within this of SIGINT when idle
 
 
 @contextmanager
-def serve_run(config: str, tmp_path: Path, env: dict[str, str]) -> Iterator[str]:
-    """``serve run`` of a repository config on a free port; yields its base URL."""
-    settings = yaml.safe_load((ROOT / config).read_text())
+def serve_run_process(
+    config: str, tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``serve run`` of a repository config on a free port, healthy; yields its base URL and
+    process, and stops it with SIGINT (Ctrl-C) unless the test did."""
     port = free_port()
-    settings["http_options"] = {"host": "127.0.0.1", "port": port}
-    for deployment in settings["applications"][0].get("deployments", []):
-        deployment.get("ray_actor_options", {}).pop("num_cpus", None)  # fit a 2-core CI box
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    serve = Path(sys.executable).parent / "serve"
-    process = subprocess.Popen(
-        [str(serve), "run", str(path), "--address", "local"],
-        cwd=ROOT,
-        env={**os.environ, **env, "RAY_ADDRESS": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    with bench_serve_run(ROOT / config, port, tmp_path, env) as process:
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url, timeout_s=180)
-        yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        yield base_url, process
 
 
 def complete(base_url: str) -> httpx.Response:
@@ -63,13 +45,27 @@ def complete(base_url: str) -> httpx.Response:
 
 
 @pytest.mark.parametrize("config", ["serve_config.yaml", "configs/cpu_demo.yaml"])
-def test_serve_run_comes_up_and_answers(config: str, tmp_path: Path) -> None:
-    with serve_run(config, tmp_path, {}) as base_url:
+def test_serve_run_comes_up_answers_and_exits_quickly_on_ctrl_c(
+    config: str, tmp_path: Path
+) -> None:
+    with serve_run_process(config, tmp_path, {}) as (base_url, process):
         complete(base_url)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C while idle
+        signalled_at = time.monotonic()
+        process.wait(timeout=60)
+        assert time.monotonic() - signalled_at <= IDLE_EXIT_S
+        assert process.returncode == 0
 
 
-def test_direct_ingress_answers_without_the_proxy(tmp_path: Path) -> None:
-    """docs/OPERATIONS.md: the ingress replica listens on a port of its own."""
+def test_direct_ingress_answers_and_ctrl_c_drains_a_stream_then_exits_quickly(
+    tmp_path: Path,
+) -> None:
+    """docs/OPERATIONS.md: the ingress replica listens on a port of its own, and answers as
+    the proxy does. SIGINT while a stream runs there: the stream still ends with ``[DONE]``
+    (the ingress drains it within its grace period), then ``serve run`` exits within
+    ``IDLE_EXIT_S``. (The stream goes to the ingress replica's own port: on shutdown Serve
+    kills its HTTP proxy at once, cutting what runs through it; docs/OPERATIONS.md, Drain,
+    health and failure.)"""
     direct_port = free_port()
     env = {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -77,13 +73,28 @@ def test_direct_ingress_answers_without_the_proxy(tmp_path: Path) -> None:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 100),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     }
-    with serve_run("serve_config.yaml", tmp_path, env) as proxy_url:
+    payload = {"model": "demo", "prompt": "Once", "max_tokens": 200, "stream": True}
+    with serve_run_process("serve_config.yaml", tmp_path, env) as (proxy_url, process):
         direct_url = f"http://127.0.0.1:{direct_port}"
         wait_healthy(direct_url, timeout_s=60)
-        first = complete(direct_url)
-        assert first.headers["X-Cache"] == "miss"
+        first_answer = complete(direct_url)
+        assert first_answer.headers["X-Cache"] == "miss"
         # The same answer again, from the ingress replica's near cache, through either path.
         assert complete(direct_url).headers["X-Cache"] == "hit"
         through_proxy = complete(proxy_url)
         assert through_proxy.headers["X-Cache"] == "hit"
-        assert through_proxy.json()["choices"] == first.json()["choices"]
+        assert through_proxy.json()["choices"] == first_answer.json()["choices"]
+
+        with httpx.stream("POST", f"{direct_url}/v1/completions", json=payload, timeout=60) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C with the stream in flight
+            rest = [line for line in lines if line.startswith("data: ")]
+        drained_at = time.monotonic()
+        assert rest, "the stream was cut at SIGINT"
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        assert not any('"error"' in line for line in [first, *rest])
+        process.wait(timeout=60)
+        assert time.monotonic() - drained_at <= IDLE_EXIT_S
+        assert process.returncode == 0

@@ -24,7 +24,7 @@ from serve_app.api.errors import ApiError, to_api_error
 from serve_app.api.openai import ChatCompletionRequest, CompletionRequest
 from serve_app.api.openai_responses import Usage
 from serve_app.engine import EngineDeadError, EngineOverloadedError, InvalidRequestError
-from serve_app.messages import RequestError
+from serve_app.messages import RejectedRequest, RequestError
 
 RID = "req-7f3a"
 
@@ -324,3 +324,18 @@ def test_framing_works_without_on_close() -> None:
         return [e async for e in sse.framed(chunks_then([usage(3)]), Source(), RID)]
 
     assert asyncio.run(scenario())[-1] == sse.DONE
+
+
+def test_serve_back_pressure_keeps_the_deployments_retry_after() -> None:
+    exc = BackPressureError(num_queued_requests=4, max_queued_requests=4, retry_after_s=0.2)
+    assert to_api_error(exc, RID).retry_after == "1"  # whole seconds, at least 1
+    exc = BackPressureError(num_queued_requests=4, max_queued_requests=4, retry_after_s=4.5)
+    assert to_api_error(exc, RID).retry_after == "5"
+
+
+def test_an_engine_refusal_for_a_full_queue_is_reported_as_overloaded() -> None:
+    """Like every queue bound: the batcher passes the code on to the client's 503."""
+    full = RejectedRequest.from_engine_error(EngineOverloadedError("the waiting queue is full"))
+    assert (full.status, full.code, full.param) == (503, "overloaded", None)
+    invalid = RejectedRequest.from_engine_error(InvalidRequestError("too long", "max_tokens"))
+    assert (invalid.status, invalid.code, invalid.param) == (400, None, "max_tokens")

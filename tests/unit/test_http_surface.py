@@ -62,7 +62,7 @@ async def eventually(event: asyncio.Event, timeout_s: float = 10.0) -> None:
 
 
 def settings(**fields: Any) -> IngressSettings:
-    return IngressSettings(MODEL, DEFAULT_MAX_TOKENS, OPEN, **fields)
+    return IngressSettings(DEFAULT_MAX_TOKENS, OPEN, **fields)
 
 
 @pytest.fixture

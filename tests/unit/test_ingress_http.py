@@ -41,6 +41,7 @@ from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.rate_limiter import RateLimiter
 from serve_app.deployments.response_cache import ResponseCache
 from serve_app.messages import ModelDescription, PreparedRequest, RequestError, TextChunk
+from serve_app.model_catalog import ServedModel
 from tests.unit.fake_handles import LocalHandle
 from tests.unit.fakes import HangingHandle
 
@@ -224,13 +225,11 @@ async def serve_ingress(
     ``settings`` replace the default ones (and their ``auth``)."""
     set_replica_context(None)  # Serve sets the context before the constructor runs
     replica = IngressReplica.__new__(IngressReplica)
-    await replica.__init__(
-        batcher or LocalHandle(ScriptedBatcher()),
-        model or LocalHandle(FakeModel()),
-        cache,
-        limiter,
-        settings or IngressSettings(MODEL, DEFAULT_MAX_TOKENS, auth),
+    served = ServedModel(
+        MODEL, batcher or LocalHandle(ScriptedBatcher()), model or LocalHandle(FakeModel()), cache
     )
+    settings = settings or IngressSettings(DEFAULT_MAX_TOKENS, auth)
+    await replica.__init__([served], limiter, settings)
     await replica._run_asgi_lifespan_startup()  # as Serve's replica does before serving
     set_replica_context(replica)
     # Like a server, answer 500 for an unhandled exception instead of raising it here.
@@ -459,7 +458,15 @@ async def test_models_lists_the_served_model(client: httpx.AsyncClient) -> None:
     assert response.json() == {
         "object": "list",
         "data": [
-            {"id": MODEL, "object": "model", "created": 1_700_000_000, "owned_by": "serve_app"}
+            {
+                "id": MODEL,
+                "object": "model",
+                "created": 1_700_000_000,
+                "owned_by": "serve_app",
+                "root": MODEL,
+                "parent": None,
+                "max_model_len": DESCRIPTION.context_length,
+            }
         ],
     }
 
@@ -572,7 +579,13 @@ async def test_health_is_ok_with_the_model_stats(client: httpx.AsyncClient) -> N
     assert response.status_code == 200
     body = response.json()
     assert abs(datetime.fromisoformat(body.pop("time")) - datetime.now(UTC)) < timedelta(minutes=1)
-    assert body == {"status": "ok", "num_running": 2, "num_waiting": 1, "kv_cache_usage": 0.25}
+    assert body == {
+        "status": "ok",
+        "num_running": 2,
+        "num_waiting": 1,
+        "kv_cache_usage": 0.25,
+        "circuit_breakers": {MODEL: "closed"},
+    }
 
 
 async def test_health_is_503_while_the_model_fails() -> None:
@@ -583,7 +596,7 @@ async def test_health_is_503_while_the_model_fails() -> None:
     assert response.status_code == 503
     body = response.json()
     assert abs(datetime.fromisoformat(body.pop("time")) - datetime.now(UTC)) < timedelta(minutes=1)
-    assert body == {"status": "unavailable"}
+    assert body == {"status": "unavailable", "circuit_breakers": {MODEL: "closed"}}
 
 
 AGENT_PAGE = """\
@@ -698,12 +711,12 @@ async def test_a_body_that_is_not_json_is_a_400(client: httpx.AsyncClient, path:
     )
 
     error = api_error(response, 400)
-    assert error == {
-        "message": "the request body is not valid JSON",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": "invalid_json",
-    }
+    assert error["message"].startswith("the request body is not valid JSON: Expecting value")
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        None,
+        "invalid_json",
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -828,7 +841,7 @@ async def test_an_unknown_route_or_method_answers_in_the_error_shape(
     [
         ("/v1/completions", {"prompt": "a", "echo": True, "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"prompt": "a", "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
-        ("/v1/chat/completions", {"messages": USER_A, "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"messages": USER_A, "tool_choice": "required"}, "tool_choice"),
     ],
 )
 async def test_an_unsupported_parameter_value_is_a_400_naming_it(

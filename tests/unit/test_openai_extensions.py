@@ -33,7 +33,6 @@ STOP_TOKEN_ID = 9  # "'" in the demo vocabulary, a plain token
 # What clients send beside the fields that shape the output; all are accepted and ignored.
 IGNORED_CHAT_FIELDS = {
     "user": "user-1",
-    "parallel_tool_calls": False,
     "store": False,
     "metadata": {"team": "eval"},
     "service_tier": "auto",

@@ -143,7 +143,7 @@ class FakeCacheHandle:
 def recorded_metrics() -> tuple[RequestMetrics, dict[str, list[Any]]]:
     """The real ``RequestMetrics`` (so Ray still checks every tag), each record also kept as
     ``records[series]``: ``(value, tags)`` for counters, the value for histograms."""
-    metrics = RequestMetrics()
+    metrics = RequestMetrics(MODEL)
     records: dict[str, list[Any]] = defaultdict(list)
     for name, series in vars(metrics).items():
         if hasattr(series, "observe"):
@@ -154,7 +154,7 @@ def recorded_metrics() -> tuple[RequestMetrics, dict[str, list[Any]]]:
                 records[_name].append(value)
 
             series.observe = spy_observe
-        else:
+        elif hasattr(series, "inc"):  # counters; gauges are not spied on
             inc = series.inc
 
             def spy_inc(
@@ -182,7 +182,7 @@ def service(
         ResponseCacheClient(cache, cache_timeout_s),  # type: ignore[arg-type]
         MODEL,
         DEFAULT_MAX_TOKENS,
-        metrics or RequestMetrics(),
+        metrics or RequestMetrics(MODEL),
     )
 
 
@@ -390,10 +390,13 @@ def test_a_failed_batcher_call_raises_its_error_and_cancels_the_other_choices() 
         batcher = FakeBatcher()
         running = asyncio.ensure_future(service(batcher).run(completion(n=2), "rid"))
         await until(lambda: len(batcher.streams) == 2)
-        busy = BackPressureError(num_queued_requests=8, max_queued_requests=8)
+        busy = BackPressureError(8, 8, retry_after_s=2.5)
         batcher.streams[0].push(busy)
-        with pytest.raises(BackPressureError):  # to_api_error makes it a 503
+        # Serve's own handler would answer it in plain text: it leaves as the API's 503.
+        with pytest.raises(ApiError) as raised:
             await within(running)
+        error = raised.value
+        assert (error.status, error.code, error.retry_after) == (503, "overloaded", "3")
         await until(lambda: all(s.cancelled for s in batcher.streams))
 
     run(scenario())
@@ -524,8 +527,12 @@ def test_a_streamed_miss_is_stored_once_every_choice_finished() -> None:
 
 def test_a_stream_closed_early_is_not_stored() -> None:
     async def scenario() -> None:
-        batcher, cache = FakeBatcher(echo), FakeCacheHandle()
-        _, deltas = await service(batcher, cache).stream(completion(n=2), "rid")
+        batcher, cache = FakeBatcher(), FakeCacheHandle()
+        pending = asyncio.ensure_future(service(batcher, cache).stream(completion(n=2), "rid"))
+        await until(lambda: len(batcher.streams) == 2)
+        first = batcher.streams[0]
+        first.push(echo(first.request)[0])  # one choice begun, neither finished
+        _, deltas = await within(pending)
         await deltas.aclose()  # type: ignore[attr-defined]
         assert cache.stores == 0
 

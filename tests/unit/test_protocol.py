@@ -148,16 +148,16 @@ def test_stop_string_rules(stop: Any, message: str) -> None:
         (completion, {"echo": True, "max_tokens": 0}, "max_tokens: may be 0 only with echo"),
         (completion, {"suffix": "tail"}, "suffix: not supported"),
         (completion, {"best_of": 3}, "best_of: not supported"),
-        (chat, {"tools": [{"type": "function"}]}, "tools: not supported"),
-        (chat, {"tool_choice": "auto"}, "tools: not supported"),
-        (chat, {"response_format": {"type": "json_object"}}, "response_format: only type 'text'"),
+        (chat, {"tool_choice": "auto"}, "tool_choice: needs tools"),
+        (chat, {"response_format": {"type": "json_schema"}}, "json_schema is given exactly when"),
         (chat, {"top_logprobs": 2}, "top_logprobs: requires logprobs"),
         (
             chat,
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "only text content parts are supported",
         ),
-        (chat, {"messages": [{"role": "tool", "content": "42"}]}, "Input should be"),
+        (chat, {"messages": [{"role": "tool", "content": "42"}]}, "names the call in tool_call_id"),
+        (chat, {"messages": [{"role": "robot", "content": "42"}]}, "Input should be"),
     ],
 )
 def test_unsupported_features_are_refused_with_a_reason(
