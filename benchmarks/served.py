@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,8 +64,8 @@ def _wait_healthy(base_url: str) -> None:
     raise TimeoutError(f"{base_url}/health did not answer 200 in {STARTUP_TIMEOUT_S} s")
 
 
-def ray_rss_mb(root: int) -> dict[str, float]:
-    """RSS in MiB of ``serve run`` (pid ``root``) and every process under it (the Ray
+def process_totals(root: int, measure: Callable[[psutil.Process], float]) -> dict[str, float]:
+    """``measure`` of ``serve run`` (pid ``root``) and every process under it (the Ray
     processes it started: GCS, raylet, dashboard, and the workers the raylet forks: controller,
     proxy, replicas), summed by label."""
     totals: dict[str, float] = {}
@@ -77,11 +77,16 @@ def ray_rss_mb(root: int) -> dict[str, float]:
     for process in processes:
         try:
             label = _label(process.cmdline())
-            rss = process.memory_info().rss / 2**20
+            value = measure(process)
         except psutil.Error:
             continue  # it ended meanwhile
-        totals[label] = totals.get(label, 0.0) + rss
+        totals[label] = totals.get(label, 0.0) + value
     return dict(sorted(totals.items()))
+
+
+def ray_rss_mb(root: int) -> dict[str, float]:
+    """RSS in MiB of ``serve run`` (pid ``root``) and every process under it, by label."""
+    return process_totals(root, lambda process: process.memory_info().rss / 2**20)
 
 
 def _label(cmdline: list[str]) -> str:

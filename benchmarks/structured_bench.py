@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from serve_app import DEMO_MODEL_DIR
 from serve_app.bench.dataset import prompt_ids
+from serve_app.bench.inprocess import benchmark_model
 from serve_app.bench.report import figure, machine, markdown_table, save_figure, write_json
 from serve_app.engine import EngineConfig, LLMEngine, SamplingParams, load_decoder
 from serve_app.engine.constrained import TokenMasks
@@ -40,8 +40,6 @@ from serve_app.engine.sequence import Sequence
 from serve_app.engine.structured import StructuredOutput
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
-BENCH_MODEL = CACHE / "bench-llama-100m"
 TARGET_OVERHEAD = 0.15  # the issue's bound on the extra step time at 32 constrained sequences
 MODES = ("plain", "constrained", "serial")
 # Objects of free strings, numbers and enums, at least 1000 of them: no run reaches its end.
@@ -303,10 +301,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Run both parts and write the JSON and plot."""
     args = parse_args()
-    found = (BENCH_MODEL / "model.onnx").is_file()
-    model, model_dir = ("bench", BENCH_MODEL) if found else ("demo", DEMO_MODEL_DIR)
-    note = "" if found else f" (no benchmark model at {BENCH_MODEL}; falling back to the demo)"
-    print(f"== model: {model} at {model_dir}{note}", flush=True)
+    model, model_dir = benchmark_model()
     steps = bench_steps(args, model_dir)
     compiles = bench_compile(model_dir, args.compile_repeats)
     print_tables(model, steps, compiles)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app import DEMO_MODEL_DIR
 from serve_app.api.auth import AuthConfig
@@ -230,16 +230,56 @@ class ModelDeploymentOptions(BaseModel):
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class ModelEntry(BaseModel):
-    """One model of the application: its files, engine, batching and deployment."""
+def _known_parser(name: str) -> str:
+    if name not in TOOL_CALL_PARSERS:
+        raise ValueError(f"unknown tool call parser; known: {sorted(TOOL_CALL_PARSERS)}")
+    return name
+
+
+ToolCallParserName = Annotated[str, AfterValidator(_known_parser)]
+
+
+class ModelRoute(BaseModel):
+    """What the ingress knows of one model: the names it answers to and how it is admitted."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
         pattern=MODEL_NAME_PATTERN,
-        description="Name clients pass as 'model'; also names its deployments "
+        description="Name clients pass as 'model'; in 'models:' also names its deployments "
         "(LLMModel-<name>, Batcher-<name>).",
     )
+    aliases: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Other names clients may pass as 'model' for it."
+    )
+    owned_by: str = Field(default="serve_app", description="The owned_by of /v1/models.")
+    tool_call_parser: ToolCallParserName | None = Field(
+        default=None,
+        description="How this model writes tool calls of its own (tool_choice auto); unset: "
+        "the application's tool_call_parser.",
+    )
+    admission_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generation streams of this model one ingress replica lets in at once; "
+        "past it, 503 + Retry-After at once, counted exactly (docs/OPERATIONS.md, How to size "
+        "queues). Unset in 'models:': what the Batcher's queue bounds hold, 2 x model replicas "
+        "x (max_num_seqs + max_waiting_seqs), with the replicas these args give; set it when "
+        "the model's replicas or the ingress's come from Serve's deployments: overrides. Unset "
+        "in 'model_apps:' (whose engines the ingress does not know): no bound at the ingress, "
+        "only the Batcher's queue bounds.",
+    )
+
+    def names(self) -> list[str]:
+        """Every name it answers to: its own, then its aliases."""
+        return [self.name, *self.aliases]
+
+
+class ModelServing(BaseModel):
+    """What one model's deployments serve: its files, engine, batching and scaling."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model_path: Path = Field(
         default=DEMO_MODEL_DIR, description="Directory of the exported model and its tokenizer."
     )
@@ -248,10 +288,6 @@ class ModelEntry(BaseModel):
         description="Version reported by /v1/model_info and part of every cache key; "
         "derived from the model files when unset.",
     )
-    aliases: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=list, description="Other names clients may pass as 'model' for it."
-    )
-    owned_by: str = Field(default="serve_app", description="The owned_by of /v1/models.")
     engine: EngineOptions = Field(
         default_factory=EngineOptions, description="Engine batching and onnxruntime settings."
     )
@@ -267,9 +303,34 @@ class ModelEntry(BaseModel):
         """The configured version, or a digest of the model's config and weights' size."""
         return self.model_version or model_digest(self.model_path)
 
-    def names(self) -> list[str]:
-        """Every name it answers to: its own, then its aliases."""
-        return [self.name, *self.aliases]
+
+class ModelEntry(ModelServing, ModelRoute):
+    """One model of the application (``models:``): its names and what serves it."""
+
+
+class ModelAppRef(ModelRoute):
+    """One model served by an application of its own (``model_apps:``), as the ingress
+    reaches it: that application's Batcher, LLMModel and ResponseCache, by name."""
+
+    app_name: str = Field(
+        min_length=1,
+        description="The Serve application running the model (import_path "
+        "serve_app.app:build_model_app).",
+    )
+
+
+class ModelAppArgs(ModelServing):
+    """The ``args:`` of one model's own application (``serve_app.app:build_model_app``): only
+    what its deployments serve, so that a change of another model's never touches it."""
+
+    cache: ResponseCacheConfig = Field(
+        default_factory=ResponseCacheConfig,
+        description="Its response cache's bounds; the cache deployment runs even when "
+        "disabled (every lookup a miss), so that the ingress need not know.",
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="OpenTelemetry spans of its deployments."
+    )
 
 
 def model_digest(model_path: Path) -> str:
@@ -303,9 +364,16 @@ class AppArgs(BaseModel):
     models: list[ModelEntry] = Field(
         default_factory=list,
         description="Every model served, routed by the request's 'model'; the first is the "
-        "native API's default. Unset: the one model the fields below describe (model_name, "
-        "model_path, model_version, engine, batcher), whose deployments keep the plain "
-        "names LLMModel and Batcher.",
+        "native API's default. Unset (and no model_apps): the one model the fields below "
+        "describe (model_name, model_path, model_version, engine, batcher), whose deployments "
+        "keep the plain names LLMModel and Batcher.",
+    )
+    model_apps: list[ModelAppRef] = Field(
+        default_factory=list,
+        description="Instead of 'models': every model served, each by an application of its "
+        "own (import_path serve_app.app:build_model_app), which this one's ingress reaches by "
+        "name; the first is the native API's default. A config change of one model then "
+        "restarts only that model's application (docs/OPERATIONS.md, Many models).",
     )
     model_name: str = Field(
         default="demo",
@@ -329,6 +397,15 @@ class AppArgs(BaseModel):
     )
     batcher: BatcherConfig = Field(
         default_factory=BatcherConfig, description="Micro-batching (live-tunable)."
+    )
+    admission_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generation streams of the model one ingress replica lets in at once; "
+        "past it, 503 + Retry-After at once, counted exactly (docs/OPERATIONS.md, How to size "
+        "queues). Unset: what the Batcher's queue bounds hold, 2 x model replicas x "
+        "(max_num_seqs + max_waiting_seqs), with the replicas these args give; set it when "
+        "the model's replicas or the ingress's come from Serve's deployments: overrides.",
     )
     cache: ResponseCacheConfig = Field(
         default_factory=ResponseCacheConfig, description="Response cache bounds."
@@ -370,37 +447,44 @@ class AppArgs(BaseModel):
         "arrive while the first is still generating wait for its answer, streamed ones "
         "included, instead of generating it again. Per ingress replica.",
     )
-    tool_call_parser: str = Field(
+    tool_call_parser: ToolCallParserName = Field(
         default="hermes",
         description="How the served models write tool calls of their own (tool_choice auto), "
         f"read into tool_calls: one of {sorted(TOOL_CALL_PARSERS)} (hermes: Hermes', Qwen2.5's "
-        "and Qwen3's <tool_call>{...}</tool_call>).",
+        "and Qwen3's <tool_call>{...}</tool_call>). A model entry may name its own.",
     )
-
-    @field_validator("tool_call_parser")
-    @classmethod
-    def _known_parser(cls, name: str) -> str:
-        if name not in TOOL_CALL_PARSERS:
-            raise ValueError(f"unknown tool call parser; known: {sorted(TOOL_CALL_PARSERS)}")
-        return name
 
     @model_validator(mode="after")
     def _one_form(self) -> AppArgs:
-        if self.models:
-            single = sorted(_SINGLE_MODEL_FIELDS & self.model_fields_set)
+        if self.models and self.model_apps:
+            raise ValueError("set either 'models' or 'model_apps', not both")
+        if self.models or self.model_apps:
+            form = "models" if self.models else "model_apps"
+            # A model application has its own cache, set in its own args.
+            beside = _SINGLE_MODEL_FIELDS | ({"cache"} if self.model_apps else set())
+            single = sorted(beside & self.model_fields_set)
             if single:
                 raise ValueError(
-                    f"{', '.join(single)}: set these per entry of 'models', not beside it"
+                    f"{', '.join(single)}: set these per entry of '{form}', not beside it"
                 )
-        names = [name for entry in self.model_entries() for name in entry.names()]
+        names = [name for route in self.model_routes() for name in route.names()]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"model names and aliases must be unique: {', '.join(repeated)}")
+        apps = [ref.app_name for ref in self.model_apps]
+        repeated = sorted({app for app in apps if apps.count(app) > 1})
+        if repeated:
+            raise ValueError(f"each model needs its own application: {', '.join(repeated)}")
         return self
 
+    def model_routes(self) -> list[ModelRoute]:
+        """Every served model as the ingress routes to it, the native API's default first."""
+        return list(self.model_apps) or list(self.model_entries())
+
     def model_entries(self) -> list[ModelEntry]:
-        """The served models, the native API's default first."""
-        if self.models:
+        """The models this application's own deployments serve (none in the ``model_apps``
+        form), the native API's default first."""
+        if self.models or self.model_apps:
             return self.models
         return [
             ModelEntry(
@@ -409,6 +493,7 @@ class AppArgs(BaseModel):
                 model_version=self.model_version,
                 engine=self.engine,
                 batcher=self.batcher,
+                admission_limit=self.admission_limit,
             )
         ]
 
@@ -419,4 +504,5 @@ class AppArgs(BaseModel):
         return f"{base}-{entry.name}" if self.models else base
 
 
-_SINGLE_MODEL_FIELDS = {"model_name", "model_path", "model_version", "engine", "batcher"}
+_SINGLE_MODEL_FIELDS = {"model_name", "model_path", "model_version", "engine", "batcher",
+                        "admission_limit"}  # fmt: skip

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.api.errors import model_unavailable
 from serve_app.api.openai_responses import ModelCard
 from serve_app.clients.response_cache import ResponseCacheClient
 from serve_app.config import CircuitBreakerConfig
@@ -16,10 +18,15 @@ from serve_app.messages import ModelDescription
 from serve_app.metrics import request_metrics
 from serve_app.orchestration import CompletionService, model_not_found
 
+logger = logging.getLogger("ray.serve")
+
+DESCRIBE_TIMEOUT_S = 5.0  # a replica answers in milliseconds; a model not running never does
+
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One model's deployments, as ``app.compose`` binds them for the ingress."""
+    """One model's deployments, as ``app.compose`` binds them for the ingress: its own, or in
+    the ``model_apps`` form handles to those of the model's own application."""
 
     name: str
     batcher: DeploymentHandle
@@ -27,6 +34,8 @@ class ServedModel:
     cache: DeploymentHandle | None = None
     aliases: tuple[str, ...] = ()
     owned_by: str = "serve_app"
+    admission_limit: int | None = None  # generation streams in flight per ingress replica
+    tool_call_parser: str | None = None  # unset: the application's
 
 
 class ModelCatalog:
@@ -53,6 +62,7 @@ class ModelCatalog:
                 m.aliases,
                 circuit_breaker=circuit_breaker,
                 coalesce=coalesce,
+                admission_limit=m.admission_limit,
             )
             for m in models
         }
@@ -80,15 +90,29 @@ class ModelCatalog:
         return {name: service.circuit_state.label for name, service in self._services.items()}
 
     async def describe(self, name: str | None) -> ModelDescription:
-        """What a replica of the model ``name`` denotes serves."""
-        description: ModelDescription = await self.get(name).model.describe.remote()
+        """What a replica of the model ``name`` denotes serves; 503 ``model_unavailable`` when
+        none answers within ``DESCRIBE_TIMEOUT_S`` (a handle to an application not running
+        waits for it without end)."""
+        call = self.get(name).model.describe.remote()
+        try:
+            description: ModelDescription = await asyncio.wait_for(call, DESCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            raise model_unavailable() from None
         return description
 
     async def cards(self) -> list[ModelCard]:
-        """``/v1/models``: a card per model, then one per alias naming it as root and parent."""
-        descriptions = await asyncio.gather(*(self.describe(m.name) for m in self.models))
+        """``/v1/models``: a card per model that answers, then one per alias naming it as root
+        and parent. A model that does not answer is left out, not the whole list."""
+        described = await asyncio.gather(
+            *(self.describe(m.name) for m in self.models), return_exceptions=True
+        )
         cards = []
-        for model, description in zip(self.models, descriptions, strict=True):
+        for model, description in zip(self.models, described, strict=True):
+            if isinstance(description, BaseException):
+                if not isinstance(description, Exception):
+                    raise description  # cancellation
+                logger.warning("/v1/models leaves out %s: %s", model.name, description)
+                continue
             card = ModelCard(
                 id=model.name,
                 created=int(description.loaded_at),

@@ -13,10 +13,11 @@ from contextlib import aclosing
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
+from serve_app.admission import AdmissionGate
 from serve_app.api.errors import ApiError, to_api_error
 from serve_app.api.openai import CompletionRequest
 from serve_app.circuit_breaker import CircuitBreaker, CircuitState, guarded
@@ -42,8 +43,8 @@ from serve_app.stores.response_store import (
 
 class CompletionService:
     """Runs OpenAI-style requests through the batcher, with the response cache in front, a
-    circuit breaker before the batcher, and identical deterministic requests in flight
-    coalesced into one generation."""
+    circuit breaker before the batcher, identical deterministic requests in flight coalesced
+    into one generation, and generation streams past ``admission_limit`` refused at once."""
 
     def __init__(
         self,
@@ -55,8 +56,10 @@ class CompletionService:
         aliases: Sequence[str] = (),
         circuit_breaker: CircuitBreakerConfig | None = None,
         coalesce: bool = True,
+        admission_limit: int | None = None,
     ) -> None:
         self.metrics = metrics
+        self.admission = AdmissionGate(admission_limit)
         breaker_config = circuit_breaker or CircuitBreakerConfig()
         self.breaker = (
             CircuitBreaker(breaker_config, on_transition=metrics.circuit_changed)
@@ -88,6 +91,7 @@ class CompletionService:
         """Generate every choice to the end (or answer from the cache). ``trace_context``:
         the caller's W3C trace headers, if it sent any."""
         self.check_model(request.model)
+        self.admission.check()
         with tracing.span("ingress", tracing.extract(trace_context), request_id) as span:
             cacheable = self._cacheable(request)
             cached = await self._lookup(cacheable, span, request_id)
@@ -107,6 +111,7 @@ class CompletionService:
         that a request rejected by the batcher raises here, before any response has begun.
         Its span ends with the deltas."""
         self.check_model(request.model)
+        self.admission.check()
         span = tracing.start_span("ingress", tracing.extract(trace_context), request_id)
         span.set_attribute("serve_app.stream", True)
         try:
@@ -235,16 +240,17 @@ class CompletionService:
         """Every choice's chunks as they come, merged and timed; an error chunk raises
         ``ApiError``."""
         timer = _StreamTimer(self.metrics, time.perf_counter(), choices_per_prompt)
-        streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
         try:
-            async for index, chunk in _merge(streams):
-                if chunk.error is not None:
-                    raise ApiError.from_request_error(chunk.error)
-                timer.observe(index, chunk)
-                yield ChoiceDelta(index, chunk)
-        except BackPressureError as exc:
-            # The batcher's queue bound: mapped here, since Serve installs its own plain-text
-            # handler for this exception on the ingress app, ahead of ours.
+            with self.admission.hold(len(prepared)):
+                streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
+                async for index, chunk in _merge(streams):
+                    if chunk.error is not None:
+                        raise ApiError.from_request_error(chunk.error)
+                    timer.observe(index, chunk)
+                    yield ChoiceDelta(index, chunk)
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            # The batcher's queue bound, or its application gone: mapped here, since Serve
+            # installs its own plain-text handlers for these on the ingress app, ahead of ours.
             raise to_api_error(exc, prepared[0].request_id) from None
 
     def _cacheable(self, request: Request) -> dict[str, Any] | None:

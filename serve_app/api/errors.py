@@ -11,7 +11,7 @@ import math
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve_app.engine import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from serve_app.messages import RequestError
@@ -99,6 +99,21 @@ def _rebuild(
     return ApiError(status, message, type=type_, param=param, code=code, retry_after=retry_after)
 
 
+def at_capacity(retry_after_s: int | None) -> ApiError:
+    """The 503 of a model whose queues are full, whichever bound refused it."""
+    return ApiError(
+        503,
+        "the service is at capacity; retry shortly",
+        code="overloaded",
+        retry_after=None if retry_after_s is None else str(retry_after_s),
+    )
+
+
+def model_unavailable() -> ApiError:
+    """The 503 of a model whose deployments do not answer (not deployed, or going away)."""
+    return ApiError(503, "the model is unavailable; retry shortly", code="model_unavailable")
+
+
 def to_api_error(exc: BaseException, request_id: str) -> ApiError:
     """Map any exception raised while serving a request to what the client sees."""
     if isinstance(exc, ApiError):
@@ -111,14 +126,11 @@ def to_api_error(exc: BaseException, request_id: str) -> ApiError:
         return ApiError(503, str(exc), code="overloaded")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, "the model is unavailable; retry shortly", code="engine_dead")
+    if isinstance(exc, DeploymentUnavailableError):  # e.g. its application was just deleted
+        return model_unavailable()
     if isinstance(exc, BackPressureError):  # a Serve queue bound (max_queued_requests) is full
         retry_after = exc.retry_after_s
-        return ApiError(
-            503,
-            "the service is at capacity; retry shortly",
-            code="overloaded",
-            retry_after=None if retry_after is None else str(max(1, math.ceil(retry_after))),
-        )
+        return at_capacity(None if retry_after is None else max(1, math.ceil(retry_after)))
     logger.error("request %s failed", request_id, exc_info=exc)
     return ApiError(500, f"internal error (request id {request_id})", type="server_error")
 

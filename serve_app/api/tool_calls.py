@@ -338,6 +338,70 @@ class _TaggedCallStream(ToolCallStream):
         self._calls += 1
 
 
+class MistralToolCalls(ToolCallFormat):
+    """Mistral's ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` at the end of the
+    output (its v3 tokenizers' format)."""
+
+    MARKER = "[TOOL_CALLS]"
+
+    def stream(self) -> ToolCallStream:
+        return _MarkedCallsStream(self.MARKER)
+
+
+class _MarkedCallsStream(ToolCallStream):
+    """Content streams as it comes, except text that may begin the marker; everything after
+    the marker is held to the end and read as a JSON array of calls. Text that is not one stays
+    content, marker and all."""
+
+    def __init__(self, marker: str) -> None:
+        self._marker = marker
+        self._buffer = ""
+        self._marked = False
+
+    def feed(self, text: str) -> Pieces:
+        self._buffer += text
+        out = Pieces()
+        if self._marked:
+            return out
+        start = self._buffer.find(self._marker)
+        if start < 0:
+            held = _partial_tag_length(self._buffer, self._marker)
+            out.content = self._buffer[: len(self._buffer) - held]
+            self._buffer = self._buffer[len(self._buffer) - held :]
+            return out
+        out.content = self._buffer[:start]
+        self._buffer = self._buffer[start + len(self._marker) :]
+        self._marked = True
+        return out
+
+    def end(self) -> Pieces:
+        out = Pieces()
+        calls = _parse_call_array(self._buffer) if self._marked else None
+        if calls is None:
+            out.content = (self._marker if self._marked else "") + self._buffer
+        else:
+            out.calls = [CallPiece(i, c.name, c.arguments) for i, c in enumerate(calls)]
+        self._buffer = ""
+        return out
+
+
+def _parse_call_array(text: str) -> list[FunctionCall] | None:
+    """A JSON array of ``{"name": ..., "arguments": ...}`` as calls; None if it is not one."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(items, list) or not items:
+        return None
+    calls = []
+    for item in items:
+        call = _call_of(item)
+        if call is None:
+            return None
+        calls.append(call)
+    return calls
+
+
 def _partial_tag_length(text: str, tag: str) -> int:
     """The length of the longest end of ``text`` that begins ``tag``."""
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -352,6 +416,11 @@ def _parse_call(body: str) -> FunctionCall | None:
         call = json.loads(body)
     except json.JSONDecodeError:
         return None
+    return _call_of(call)
+
+
+def _call_of(call: Any) -> FunctionCall | None:
+    """A decoded ``{"name": ..., "arguments": ...}`` (or ``"parameters"``) as a call."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     arguments = call.get("arguments", call.get("parameters", {}))
@@ -360,7 +429,10 @@ def _parse_call(body: str) -> FunctionCall | None:
     return FunctionCall(call["name"], arguments)
 
 
-TOOL_CALL_PARSERS: dict[str, type[ToolCallFormat]] = {"hermes": HermesToolCalls}
+TOOL_CALL_PARSERS: dict[str, type[ToolCallFormat]] = {
+    "hermes": HermesToolCalls,
+    "mistral": MistralToolCalls,
+}
 """Parsers of ``tool_choice: "auto"`` answers by model family; ``AppArgs.tool_call_parser``
 names one. (Qwen2.5 and Qwen3 write Hermes' syntax.)"""
 

@@ -6,8 +6,11 @@ numpy and the standard library only: the onnxruntime-genai benchmark imports it 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+from serve_app import DEMO_MODEL_DIR
 from serve_app.bench.load import Concurrency, PointRun
 from serve_app.bench.report import PointResult
 from serve_app.bench.stats import summarize
@@ -56,3 +59,19 @@ def measure(
             raise RuntimeError(f"{system}: expected {level * max_tokens} tokens, got {tokens}")
         results.append(PointResult(system, Concurrency(level), run.traces, summary))
     return results
+
+
+BENCH_MODEL = (
+    Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
+    / "bench-llama-100m"
+)  # where ``python -m serve_app.tools.build_bench_model`` writes it by default
+
+
+def benchmark_model() -> tuple[str, Path]:
+    """``("bench", its folder)`` when the benchmark model is built, else ``("demo", ...)``;
+    says which it took."""
+    if (BENCH_MODEL / "model.onnx").is_file():
+        print(f"== model: bench at {BENCH_MODEL}", flush=True)
+        return "bench", BENCH_MODEL
+    print(f"== model: demo (no benchmark model at {BENCH_MODEL})", flush=True)
+    return "demo", DEMO_MODEL_DIR

@@ -9,14 +9,15 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import tracing
@@ -59,6 +60,7 @@ logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
 
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
+T = TypeVar("T")
 # Serve pickles the ingress class by value when it is decorated: every module-level name its
 # methods use must be defined above it.
 
@@ -69,6 +71,15 @@ def _revalidate(body: Any) -> Any:
         return type(body).model_validate(body.model_dump(exclude_unset=True))
     except ValidationError as exc:
         raise to_api_error(exc, "handle") from None
+
+
+async def _batcher_answer(call: Awaitable[T], request_id: str) -> T:
+    """A batcher call's answer; a full batcher queue is the documented 503, not the plain-text
+    one Serve's own handler for ``BackPressureError`` on the ingress app would give."""
+    try:
+        return await call
+    except BackPressureError as exc:
+        raise to_api_error(exc, request_id) from None
 
 
 @serve.deployment(
@@ -216,7 +227,7 @@ class Ingress:
         model = self.catalog.get(body.model)
         call = model.batcher.tokenize.remote(body)  # runs while the model is described
         description = await self.catalog.describe(model.name)
-        tokenized: TokenizedPrompt = await call
+        tokenized: TokenizedPrompt = await _batcher_answer(call, "tokenize")
         if tokenized.error is not None:
             raise ApiError.from_request_error(tokenized.error)
         ids = tokenized.token_ids
@@ -231,7 +242,8 @@ class Ingress:
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         """The text of token ids."""
         model = self.catalog.get(body.model)
-        detokenized: DetokenizedText = await model.batcher.detokenize.remote(body.tokens)
+        call = model.batcher.detokenize.remote(body.tokens)
+        detokenized: DetokenizedText = await _batcher_answer(call, "detokenize")
         if detokenized.error is not None:
             raise ApiError.from_request_error(detokenized.error)
         return DetokenizeResponse(prompt=detokenized.text)
@@ -270,10 +282,11 @@ class Ingress:
 
     async def _run(self, request: Request, body: OpenAIRequest, rid: str) -> CompletionResult:
         """Run ``body`` to the end within the caller's rate limits, settling what it used."""
+        service = self.catalog.service(body.model)
+        service.admission.check()  # a full model refuses before the rate limiter is called
         reservation = await self._admit(request, body)
         used = 0
         try:
-            service = self.catalog.service(body.model)
             result = await service.run(body, rid, tracing.from_headers(request.headers))
             used = result.usage.total_tokens
             return result
@@ -290,12 +303,13 @@ class Ingress:
         """Stream ``body`` as server-sent events, settling the rate limit when it closes; a
         failure after the stream began is ``error_event``'s final event."""
         rid = request_id()
+        service = self.catalog.service(body.model)
+        service.admission.check()  # a full model refuses before the rate limiter is called
         reservation = await self._admit(request, body)
         keep_alive_s = self.settings.sse_keep_alive_s
         try:
             # Not started within the keep-alive interval (queued, prefilling): the stream
             # begins anyway, with keep-alive comments, and a later failure is an error event.
-            service = self.catalog.service(body.model)
             start = service.stream(body, rid, tracing.from_headers(request.headers))
             cache_hit, deltas = await sse.started_within(start, keep_alive_s)
         except BaseException:
@@ -319,7 +333,8 @@ class Ingress:
         return await self.limits.admit(key, self.api_keys.limits_for(key), tokens)
 
     def _tool_format(self, body: ChatCompletionRequest) -> ToolCallFormat | None:
-        return body.tool_call_format(self.settings.tool_call_parser)
+        parser = self.catalog.get(body.model).tool_call_parser or self.settings.tool_call_parser
+        return body.tool_call_format(parser)
 
     def _as_completion(self, body: InferRequest) -> CompletionRequest:
         return body.to_completion_request(self.catalog.get(body.model).name)

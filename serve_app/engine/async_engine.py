@@ -149,7 +149,7 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
         rejected: dict[str, EngineError] = {}
         accepted: list[Sequence] = []
-        ahead = self.num_waiting
+        ahead = self._engine.waiting_beyond_batch(self.num_waiting)
         counts = Counter(r.request_id for r in requests)
         for request in requests:
             request_id = request.request_id

@@ -61,15 +61,18 @@ class EngineOptions(BaseModel):
     max_waiting_seqs: int = Field(
         default=256,
         ge=0,
-        description="Sequences allowed to wait for admission; past it requests are refused "
-        "at once (HTTP 503 with Retry-After) instead of queueing without bound.",
+        description="Sequences allowed to wait for admission beyond those the running batch "
+        "has room for; past it requests are refused at once (HTTP 503 with Retry-After) "
+        "instead of queueing without bound.",
     )
     max_prefill_tokens: int = Field(
         default=4096,
         ge=1,
         description="Most prompt tokens (batch x padded prompt length) prefilled in one step, "
-        "so newcomers delay running sequences by at most one bounded step; longer prompts are "
-        "refused. TensorRT's prefill shape profile is sized from it.",
+        "so newcomers delay running sequences by at most one bounded step; a longer prompt is "
+        "prefilled alone in chunks of this many tokens over several steps, between decode "
+        "steps of the running batch. TensorRT's prefill shape profile is sized from it; the "
+        "TensorRT backends do not prefill in chunks and refuse longer prompts.",
     )
     intra_op_num_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
@@ -85,11 +88,27 @@ class EngineOptions(BaseModel):
     )
     seed: int = Field(default=0, ge=0, description="Seeds sampling for requests that give no seed.")
 
+    @property
+    def prefills_in_chunks(self) -> bool:
+        """Whether a prompt longer than ``max_prefill_tokens`` is prefilled over several steps.
+
+        TensorRT's shape profiles (``backends/tensorrt_profiles.py``) hold a prefill over an
+        empty cache and a one-token decode, not several tokens over a non-empty cache.
+        """
+        providers = self.execution_providers or []
+        tensorrt_ep = any(p.name == "TensorrtExecutionProvider" for p in providers)
+        return self.backend != "tensorrt" and not tensorrt_ep
+
 
 class EngineConfig(EngineOptions):
     """Engine options plus the model to load."""
 
     model_path: Path = Field(
-        description="Directory with model.onnx, config.json and tokenizer files."
+        description="Directory with model.onnx, config.json and tokenizer files (or a folder "
+        "from onnxruntime-genai's model builder, recognised by its genai_config.json)."
     )
-    onnx_file: str = Field(default="model.onnx", description="ONNX file name inside model_path.")
+    onnx_file: str = Field(
+        default="model.onnx",
+        description="ONNX file name inside model_path (a builder folder's genai_config.json "
+        "names its own).",
+    )

@@ -3,18 +3,20 @@
 Tensors that stay on the model's device (the KV cache) are ``onnxruntime.OrtValue``s whatever
 the backend, so the batch bookkeeping in ``kv_cache.py`` works the same on CPU and GPU. Only
 token ids, masks and positions go in from the host, and only last-position logits come back
-(every position's when a prefill scores its prompt).
+(every position's when a prefill scores its prompt). A fused-attention model (onnxruntime-genai's
+builder layout) is a ``SlotDecoder`` instead: its cache stays in rows it owns, written in place.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
@@ -76,6 +78,43 @@ class Decoder(Protocol):
     ) -> ForwardResult:
         """Run the model over ``input_ids`` given the cache ``past``; ``all_positions`` also
         returns every input position's logits."""
+        ...
+
+    def describe(self) -> str:
+        """The backend and device in words, e.g. for ``/v1/model_info``."""
+        ...
+
+
+@runtime_checkable
+class SlotDecoder(Protocol):
+    """A fused-attention model whose KV cache is ``num_rows`` preallocated rows it owns and
+    writes in place (``kv_slots.py`` assigns them); ``backends/gqa_decoder.py`` is the real one.
+    """
+
+    config: ModelConfig
+    num_rows: int
+
+    def run_rows(
+        self,
+        first_row: int,
+        input_ids: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        all_positions: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run ``input_ids`` ``[batch, new]`` over rows ``[first_row, first_row + batch)``;
+        ``lengths`` is each row's token count once they are in.
+
+        Either no row has a past (a prefill: rows right-padded, ``lengths`` their prompts) or
+        every row gets ``new`` tokens after ``lengths - new`` cached ones (several only when
+        ``batch`` is 1). Returns each row's logits at its last new token ``[batch, vocab]``
+        and, with ``all_positions``, every new position's ``[batch, new, vocab]``, each row's
+        right-aligned (padding first), both float32 on the host.
+        """
+        ...
+
+    def move_row(self, source: int, destination: int, length: int) -> None:
+        """Copy the first ``length`` cached tokens of row ``source`` into row ``destination``."""
         ...
 
     def describe(self) -> str:
@@ -166,6 +205,8 @@ def read_onnx_signature(
     onnx_path: Path,
 ) -> tuple[dict[str, tuple[str, list[int | str | None]]], list[str]]:
     """``({input: (numpy element type, shape)}, output names)`` of an ONNX file, weights unread."""
+    import onnx  # imported here: it takes about a second (ml_dtypes), which every replica paid
+
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inputs = {}
     for value in graph.input:
@@ -177,6 +218,80 @@ def read_onnx_signature(
 
 
 def count_parameters(onnx_path: Path) -> int:
-    """Number of weights stored in the graph's initializers (external data is not read)."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return sum(int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer)
+    """Number of weights stored in the graph's initializers (external data is not read).
+
+    Reads the protobuf wire format itself (``ModelProto.graph`` is field 7,
+    ``GraphProto.initializer`` field 5, ``TensorProto.dims`` field 1): importing onnx for this
+    took about a second of each model replica's start, up to five on a busy machine.
+    """
+    data = memoryview(onnx_path.read_bytes())
+    total = 0
+    for graph in _messages(data, 7, onnx_path):
+        for tensor in _messages(graph, 5, onnx_path):
+            total += math.prod(_dims(tensor, onnx_path))
+    return total
+
+
+def graph_op_types(onnx_path: Path) -> set[str]:
+    """The operator types of the graph's nodes (``GraphProto.node`` is field 1,
+    ``NodeProto.op_type`` field 4), read without onnx like ``count_parameters``."""
+    data = memoryview(onnx_path.read_bytes())
+    types: set[str] = set()
+    for graph in _messages(data, 7, onnx_path):
+        for node in _messages(graph, 1, onnx_path):
+            types.update(bytes(v).decode() for v in _messages(node, 4, onnx_path))
+    return types
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, path: Path) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) of each field of the protobuf message in ``buf``."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        value: int | memoryview
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 5):  # fixed 64 or 32 bits
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire == 2:  # length-delimited: a message, bytes, or packed numbers
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + size], pos + size
+        else:
+            raise ModelLoadError(f"{path} is not an ONNX model (protobuf wire type {wire})")
+        yield key >> 3, wire, value
+
+
+def _messages(buf: memoryview, number: int, path: Path) -> Iterator[memoryview]:
+    for field, wire, value in _fields(buf, path):
+        if field == number and wire == 2 and isinstance(value, memoryview):
+            yield value
+
+
+def _dims(tensor: memoryview, path: Path) -> list[int]:
+    """A TensorProto's dims, written one varint per field or packed into one field."""
+    dims = []
+    for field, _wire, value in _fields(tensor, path):
+        if field != 1:
+            continue
+        if isinstance(value, int):
+            dims.append(value)
+            continue
+        pos = 0
+        while pos < len(value):
+            dim, pos = _varint(value, pos)
+            dims.append(dim)
+    return dims

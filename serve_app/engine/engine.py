@@ -2,8 +2,12 @@
 
 Sequences join the running batch at the step after they arrive (their prompt is prefilled in
 that step, in one bounded call, beside the decode of the running batch) and leave the moment
-they finish or are aborted, freeing their rows of the KV cache. A structured sequence's grammar
-masks its logits at every step (``constrained.py``); its masks are computed while the model runs.
+they finish or are aborted, freeing their rows of the KV cache. A prompt longer than one step's
+prefill budget is prefilled alone, one chunk of at most ``max_prefill_tokens`` per step over its
+own growing cache, while the running batch keeps decoding; it joins after its last chunk. A
+structured sequence's grammar masks its logits at every step (``constrained.py``); its masks are
+computed while the model runs. A fused-attention model (a ``SlotDecoder``) keeps each sequence's
+cache in a row of its own, written in place (``kv_slots.py``): the same steps, no cache copies.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.constrained import ConstrainedDecoding, TokenMasks
-from serve_app.engine.decoder import Decoder
+from serve_app.engine.decoder import Decoder, SlotDecoder
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
+from serve_app.engine.kv_slots import SlotBatch
 from serve_app.engine.sampler import Sampler, prompt_logprobs
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler
@@ -26,13 +33,26 @@ from serve_app.engine.sequence import FinishReason, Sequence, SequenceOutput, To
 from serve_app.engine.stats import StepStats
 
 
+@dataclass(eq=False)
+class ChunkedPrefill:
+    """A prompt longer than one step's prefill budget, part-way through its prefill."""
+
+    sequence: Sequence
+    started: float  # when its first chunk began (``time.monotonic()``)
+    past: list[ort.OrtValue] | None = None  # its KV cache after the chunks so far (unless in a row)
+    num_done: int = 0  # prompt tokens in ``past``
+    prompt_logits: list[np.ndarray] = field(default_factory=list)  # per chunk, when scored
+
+
 class LLMEngine:
     """Synchronous engine over an injected decoder; callers drive it with ``add_request``,
     ``abort`` and ``step``."""
 
-    def __init__(self, config: EngineConfig, decoder: Decoder) -> None:
+    def __init__(self, config: EngineConfig, decoder: Decoder | SlotDecoder) -> None:
         self.config = config
         self.decoder = decoder
+        # Set for a fused-attention model: the running batch's cache lives in its rows.
+        self.slot_batch = SlotBatch(decoder) if isinstance(decoder, SlotDecoder) else None
         self.model_config = decoder.config
         self.scheduler = Scheduler(
             config.max_num_seqs, config.kv_cache_tokens, config.max_prefill_tokens
@@ -41,6 +61,7 @@ class LLMEngine:
         self.constraints = ConstrainedDecoding.for_model(config.model_path, self.model_config)
         self.running: list[Sequence] = []
         self.cache: BatchKVCache | None = None
+        self.prefilling: ChunkedPrefill | None = None
         self._seed_sequence = np.random.SeedSequence(config.seed)
         self._live_ids: set[str] = set()
         self._pending_aborts: set[str] = set()
@@ -53,18 +74,24 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        """Sequences in the running batch."""
-        return len(self.running)
+        """Sequences in the running batch, counting one part-way through a chunked prefill."""
+        return len(self.running) + (self.prefilling is not None)
 
     @property
     def kv_cache_usage(self) -> float:
-        """Fraction of the KV-cache token budget the running batch occupies."""
+        """Fraction of the KV-cache token budget the running batch occupies (of the KV rows,
+        for a fused-attention model, where each row holds a whole context)."""
+        if self.slot_batch is not None:
+            return self.slot_batch.usage(prefilling=self.prefilling is not None)
         slots = self.cache.num_slots if self.cache else 0
+        if self.prefilling is not None:
+            slots += self.prefilling.num_done
         return slots / self.config.kv_cache_tokens
 
     def has_work(self) -> bool:
         """Whether a call to ``step`` would do anything."""
-        return bool(self.running or self.scheduler.waiting or self._pending_aborts)
+        prefilling = self.prefilling is not None
+        return bool(self.running or prefilling or self.scheduler.waiting or self._pending_aborts)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -72,8 +99,15 @@ class LLMEngine:
         """Queue a request; raises ``InvalidRequestError`` or ``EngineOverloadedError``."""
         if request_id in self._live_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        sequence = self.new_sequence(request_id, prompt_token_ids, params, ahead=self.num_waiting)
+        ahead = self.waiting_beyond_batch(self.num_waiting)
+        sequence = self.new_sequence(request_id, prompt_token_ids, params, ahead=ahead)
         self.enqueue(sequence)
+
+    def waiting_beyond_batch(self, waiting: int) -> int:
+        """Of ``waiting`` sequences, how many the next step cannot admit for want of room in
+        the running batch (negative: room to spare). A burst that arrives before a step has
+        admitted it is not refused while the batch has room for it."""
+        return waiting - (self.config.max_num_seqs - self.num_running)
 
     def new_sequence(
         self,
@@ -84,7 +118,8 @@ class LLMEngine:
         ahead: int,
     ) -> Sequence:
         """The one place a request becomes a sequence, checked against the waiting-queue bound
-        (``ahead`` sequences already wait), this model and the KV-cache budget.
+        (``ahead`` sequences already wait beyond the running batch's room, as
+        ``waiting_beyond_batch`` counts them), this model and the KV-cache budget.
 
         Raises ``EngineOverloadedError``, or ``InvalidRequestError`` naming the parameter at
         fault (``structured`` when its grammar does not compile against this model's
@@ -123,14 +158,20 @@ class LLMEngine:
             self._pending_aborts.add(request_id)
 
     def step(self) -> list[SequenceOutput]:
-        """Run one iteration: drop aborted sequences, decode the batch, admit and prefill."""
+        """Run one iteration: drop aborted sequences, decode the batch, admit and prefill (or
+        prefill the next chunk of a long prompt, which admits nothing else meanwhile)."""
         outputs = self._drop_aborted()
         decoded = len(self.running)
         if self.running:
             outputs.extend(self._decode())
-        newcomers = self.scheduler.admit(self.running)
+        newcomers = [] if self.prefilling is not None else self.scheduler.admit(self.running)
         now = time.monotonic()
-        if newcomers:
+        if newcomers and newcomers[0].num_prompt_tokens > self.config.max_prefill_tokens:
+            # The scheduler admits a prompt over the budget alone.
+            self.prefilling = ChunkedPrefill(newcomers[0], started=now)
+        if self.prefilling is not None:
+            outputs.extend(self._prefill_chunk(self.prefilling))
+        elif newcomers:
             outputs.extend(self._prefill(newcomers))
         self.last_stats = StepStats(
             num_running=self.num_running,
@@ -160,10 +201,11 @@ class LLMEngine:
                 f"{context}, which must also hold at least one generated token",
                 "prompt",
             )
-        if num_prompt > self.config.max_prefill_tokens:
+        if num_prompt > self.config.max_prefill_tokens and not self.config.prefills_in_chunks:
             raise InvalidRequestError(
-                f"the prompt has {num_prompt} tokens; this deployment prefills at "
-                f"most {self.config.max_prefill_tokens} (engine.max_prefill_tokens)",
+                f"the prompt has {num_prompt} tokens; this deployment prefills at most "
+                f"{self.config.max_prefill_tokens} (engine.max_prefill_tokens), and its "
+                "TensorRT backend does not prefill in chunks",
                 "prompt",
             )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
@@ -192,6 +234,10 @@ class LLMEngine:
             if waiting is not None:
                 aborted.append(waiting)
         aborted.extend(s for s in self.running if s.request_id in self._pending_aborts)
+        chunked = self.prefilling
+        if chunked is not None and chunked.sequence.request_id in self._pending_aborts:
+            aborted.append(chunked.sequence)
+            self.prefilling = None  # drops its cache
         self._pending_aborts.clear()
         for sequence in aborted:
             sequence.finish_reason = FinishReason.ABORT
@@ -199,19 +245,31 @@ class LLMEngine:
         return [self._output(s, ()) for s in aborted]
 
     def _decode(self) -> list[SequenceOutput]:
+        token_masks = self.constraints.start_masks(self.running)
+        logits = self.slot_batch.decode() if self.slot_batch is not None else self._decode_padded()
+        outputs = self._append_tokens(self.running, logits, token_masks)
+        self._release_finished()
+        return outputs
+
+    def _decode_padded(self) -> np.ndarray:
+        """One decode step over the regrouped cache (``kv_cache.py``); the next logits."""
         assert self.cache is not None  # a running batch always has a cache
         input_ids = np.array([[s.last_token_id] for s in self.running], dtype=np.int64)
         positions = np.array([[s.length - 1] for s in self.running], dtype=np.int64)
         mask = self.cache.decode_mask()
-        token_masks = self.constraints.start_masks(self.running)
-        result = self.decoder.forward(input_ids, mask, positions, self.cache.values)
+        result = self._padded_decoder.forward(input_ids, mask, positions, self.cache.values)
         self.cache.advance(result.present, mask)
-        outputs = self._append_tokens(self.running, result.logits, token_masks)
-        self._release_finished()
-        return outputs
+        return result.logits
 
     def _prefill(self, newcomers: list[Sequence]) -> list[SequenceOutput]:
         started = time.monotonic()
+        scoring = any(s.params.prompt_logprobs is not None for s in newcomers)
+        token_masks = self.constraints.start_masks(_generating(newcomers))
+        if self.slot_batch is not None:
+            logits, all_logits = self.slot_batch.prefill(newcomers, all_positions=scoring)
+            outputs = self._prefill_outputs(newcomers, logits, all_logits, started, token_masks)
+            self._join_rows()
+            return outputs
         pad_to = max(s.num_prompt_tokens for s in newcomers)
         input_ids = np.full((len(newcomers), pad_to), self.model_config.pad_token_id, np.int64)
         mask = np.zeros((len(newcomers), pad_to), dtype=np.int64)
@@ -219,23 +277,77 @@ class LLMEngine:
             input_ids[row, pad_to - seq.num_prompt_tokens :] = seq.prompt_token_ids
             mask[row, pad_to - seq.num_prompt_tokens :] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
-        scoring = any(s.params.prompt_logprobs is not None for s in newcomers)
-        token_masks = self.constraints.start_masks(_generating(newcomers))
-        result = self.decoder.forward(
-            input_ids,
-            mask,
-            positions,
-            self.decoder.ops.empty(len(newcomers)),
-            all_positions=scoring,
+        decoder = self._padded_decoder
+        result = decoder.forward(
+            input_ids, mask, positions, decoder.ops.empty(len(newcomers)), all_positions=scoring
         )
         outputs = self._prefill_outputs(
             newcomers, result.logits, result.all_logits, started, token_masks
         )
-        joined = BatchKVCache(result.present, mask, self.decoder.ops)
+        self._join(newcomers, result.present, mask)
+        return outputs
+
+    def _prefill_chunk(self, chunked: ChunkedPrefill) -> list[SequenceOutput]:
+        """Prefill the next chunk of a long prompt over its cache so far; after the last
+        chunk, sample its first token and let it join the running batch."""
+        seq = chunked.sequence
+        start = chunked.num_done
+        end = min(start + self.config.max_prefill_tokens, seq.num_prompt_tokens)
+        last = end == seq.num_prompt_tokens
+        mask = np.ones((1, end), dtype=np.int64)
+        scoring = seq.params.prompt_logprobs is not None
+        token_masks = self.constraints.start_masks(_generating([seq])) if last else None
+        if self.slot_batch is not None:
+            logits, chunk_logits = self.slot_batch.prefill_chunk(
+                seq, start, end, all_positions=scoring
+            )
+        else:
+            decoder = self._padded_decoder
+            result = decoder.forward(
+                np.array([seq.prompt_token_ids[start:end]], dtype=np.int64),
+                mask,
+                np.arange(start, end, dtype=np.int64)[None, :],
+                chunked.past or decoder.ops.empty(1),
+                all_positions=scoring,
+            )
+            chunked.past, logits, chunk_logits = result.present, result.logits, result.all_logits
+        chunked.num_done = end
+        if scoring:
+            assert chunk_logits is not None, "the decoder ignored all_positions"
+            chunked.prompt_logits.append(chunk_logits[0])
+        if not last:
+            return []
+        self.prefilling = None
+        all_logits = np.concatenate(chunked.prompt_logits)[None] if scoring else None
+        outputs = self._prefill_outputs([seq], logits, all_logits, chunked.started, token_masks)
+        if self.slot_batch is not None:
+            self.slot_batch.join_chunked(seq)
+            self._join_rows()
+        else:
+            assert chunked.past is not None
+            self._join([seq], chunked.past, mask)
+        return outputs
+
+    def _join(
+        self, newcomers: list[Sequence], present: list[ort.OrtValue], mask: np.ndarray
+    ) -> None:
+        """Add prefilled sequences and their cache to the running batch."""
+        joined = BatchKVCache(present, mask, self._padded_decoder.ops)
         self.cache = joined if self.cache is None else BatchKVCache.concat(self.cache, joined)
         self.running.extend(newcomers)
         self._release_finished()
-        return outputs
+
+    def _join_rows(self) -> None:
+        """Take the sequences that now hold KV rows as the running batch, in row order."""
+        assert self.slot_batch is not None
+        self.running = self.slot_batch.sequences
+        self._release_finished()
+
+    @property
+    def _padded_decoder(self) -> Decoder:
+        """The decoder of a model whose cache the engine regroups (``kv_cache.py``)."""
+        assert not isinstance(self.decoder, SlotDecoder)
+        return self.decoder
 
     def _prefill_outputs(
         self,
@@ -303,6 +415,10 @@ class LLMEngine:
 
     def _release_finished(self) -> None:
         """Remove finished sequences from the batch and their rows from the KV cache."""
+        if self.slot_batch is not None:
+            self.slot_batch.release_finished()
+            self.running = self.slot_batch.sequences
+            return
         keep = [row for row, s in enumerate(self.running) if not s.finished]
         if len(keep) == len(self.running):
             return

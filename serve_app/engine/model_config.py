@@ -1,4 +1,5 @@
-"""What the engine needs from a model directory's ``config.json`` and ``generation_config.json``."""
+"""What the engine needs from a model directory's ``config.json`` and ``generation_config.json``
+(or, in a folder onnxruntime-genai's model builder wrote, its ``genai_config.json``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "context_length": ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"),
 }
 
+
+GENAI_CONFIG = "genai_config.json"  # what onnxruntime-genai's model builder writes
 
 # transformers writes 1e30 (int(1e30)) as model_max_length when a tokenizer has no limit.
 _UNSET_MAX_LENGTH = 10**12
@@ -45,7 +48,10 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
-        """Read ``config.json`` (required) and ``generation_config.json`` (optional)."""
+        """Read ``config.json`` (required unless ``genai_config.json`` is there) and
+        ``generation_config.json`` (optional)."""
+        if not (model_dir / "config.json").is_file() and (model_dir / GENAI_CONFIG).is_file():
+            return cls.from_genai_config(model_dir / GENAI_CONFIG)
         config = _read_json(model_dir / "config.json", required=True)
         generation = _read_json(model_dir / "generation_config.json", required=False)
         num_heads = _lookup(config, "num_heads")
@@ -70,6 +76,28 @@ class ModelConfig:
             bos_token_id=None if bos is None else int(bos),
             pad_token_id=int(pad[0] if isinstance(pad, list) else pad),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_genai_config(cls, path: Path) -> ModelConfig:
+        """Read the ``model`` section of onnxruntime-genai's ``genai_config.json``."""
+        model = _read_json(path, required=True)["model"]
+        decoder = model["decoder"]
+        eos = model["eos_token_id"]
+        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        pad = model.get("pad_token_id")
+        return cls(
+            model_type=str(model["type"]),
+            num_layers=int(decoder["num_hidden_layers"]),
+            num_heads=int(decoder["num_attention_heads"]),
+            num_kv_heads=int(decoder["num_key_value_heads"]),
+            head_dim=int(decoder["head_size"]),
+            vocab_size=int(model["vocab_size"]),
+            context_length=int(model["context_length"]),
+            eos_token_ids=eos_ids,
+            bos_token_id=model.get("bos_token_id"),
+            pad_token_id=eos_ids[0] if pad is None else int(pad),
+            tie_word_embeddings=False,  # not recorded; the graph holds the head either way
         )
 
 

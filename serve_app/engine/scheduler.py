@@ -13,7 +13,10 @@ class Scheduler:
     A sequence is admitted only if the batch can reach its worst case (every member at its
     ``max_length``) within ``kv_cache_tokens`` slots, so the running batch never has to be
     preempted. Admission is strictly first-in first-out: a large request at the head is not
-    overtaken by smaller ones behind it.
+    overtaken by smaller ones behind it. One step's newcomers hold at most
+    ``max_prefill_tokens`` prompt tokens (count x longest prompt), except that the first is
+    always admitted: a prompt over that budget is admitted alone, and the engine prefills it
+    in chunks.
     """
 
     def __init__(self, max_num_seqs: int, kv_cache_tokens: int, max_prefill_tokens: int) -> None:

@@ -1,6 +1,7 @@
 """Export a Hugging Face causal-LM checkpoint to a served model directory (ONNX decoder with past).
 
     python -m serve_app.tools export CHECKPOINT_DIR OUT_DIR [--dtype fp32|fp16] [--context-length N]
+    python -m serve_app.tools export --layout gqa CHECKPOINT_DIR OUT_DIR [--dtype fp32|int4]
 
 Loads the checkpoint with transformers (eager attention), traces it into ``model.onnx`` in the
 ``optimum-cli export onnx --task text-generation-with-past`` layout, checks the graph against
@@ -12,6 +13,10 @@ is never cut to a sliding window: the window is applied by the attention mask, a
 runs prompts longer than the window. A config.json that names no context length (Bloom) needs
 ``--context-length``, which is written into the exported config.json as
 ``max_position_embeddings``. Needs torch and transformers (the ``train`` extra).
+
+``--layout gqa`` writes the fused-attention layout instead (``GroupQueryAttention``, KV cache
+kept in place by the engine) with onnxruntime-genai's model builder (``gqa_export.py``; the
+``genai`` extra).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from serve_app.tools.progress import StageBar
 
 # Max abs logit diff allowed against torch, relative to the largest logit (see verify).
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# The dtypes each layout writes: the Optimum layout's own tracer; the builder's CPU precisions.
+DTYPES = {"optimum": tuple(TOLERANCE), "gqa": ("fp32", "int4")}
 
 
 class ExportError(RuntimeError):
@@ -62,7 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint_dir", type=Path, help="Hugging Face checkpoint directory")
     parser.add_argument("out_dir", type=Path, help="directory to write the served model to")
     parser.add_argument(
-        "--dtype", choices=sorted(TOLERANCE), default="fp32", help="weights, KV cache and logits"
+        "--layout",
+        choices=sorted(DTYPES),
+        default="optimum",
+        help="optimum: decoder with past, traced here; gqa: fused attention with the KV cache "
+        "in place, by onnxruntime-genai's model builder",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted({d for dtypes in DTYPES.values() for d in dtypes}),
+        default="fp32",
+        help="weights, KV cache and logits (optimum: fp32, fp16; gqa: fp32, int4 weights)",
     )
     parser.add_argument(
         "--context-length",
@@ -77,7 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Export, then print where the model went and how it checked out."""
     result = export_checkpoint(
-        args.checkpoint_dir, args.out_dir, args.dtype, context_length=args.context_length
+        args.checkpoint_dir,
+        args.out_dir,
+        args.dtype,
+        context_length=args.context_length,
+        layout=args.layout,
     )
     print(
         f"wrote {result.out_dir} ({onnx_mib(result.out_dir):.1f} MiB of ONNX) "
@@ -89,7 +110,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def export_checkpoint(
-    checkpoint_dir: Path, out_dir: Path, dtype: str = "fp32", *, context_length: int | None = None
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    *,
+    context_length: int | None = None,
+    layout: str = "optimum",
 ) -> ExportResult:
     """Export `checkpoint_dir` to `out_dir`.
 
@@ -99,6 +125,13 @@ def export_checkpoint(
     """
     check_input_dir(checkpoint_dir, REQUIRED_FILES)
     check_output_dir(out_dir, checkpoint_dir)
+    if dtype not in DTYPES[layout]:
+        written = ", ".join(DTYPES[layout])
+        raise ModelDirError(f"--dtype {dtype}: the {layout} layout writes {written}")
+    if layout == "gqa" and context_length is not None:
+        raise ModelDirError(
+            "--context-length is for the optimum layout (the builder reads config.json)"
+        )
     if context_length is not None and context_length < 1:
         raise ModelDirError(f"--context-length must be positive, got {context_length}")
     if context_length is None:
@@ -109,6 +142,8 @@ def export_checkpoint(
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if layout == "gqa":
+            return _export_gqa(checkpoint_dir, out_dir, dtype)
         return _export(checkpoint_dir, out_dir, dtype, context_length)
     except ExportError:
         if created and not any(out_dir.iterdir()):
@@ -156,6 +191,25 @@ def _export(
             copy_served_files(checkpoint_dir, out_dir)
             if context_length is not None:
                 _set_context_length(out_dir / "config.json", context_length)
+    return ExportResult(out_dir, diffs, bar.seconds)
+
+
+def _export_gqa(checkpoint_dir: Path, out_dir: Path, dtype: str) -> ExportResult:
+    from serve_app.tools.gqa_export import build_gqa, verify_gqa  # needs the genai extra
+
+    diffs: dict[str, dict[str, float]] = {}
+    with (
+        StageBar(f"export {checkpoint_dir.name} (gqa)", 2 if dtype == "fp32" else 1) as bar,
+        tempfile.TemporaryDirectory(dir=out_dir) as scratch,
+    ):
+        built = Path(scratch)  # moved into place only once checked
+        with bar.stage("build with onnxruntime-genai"), _failing_stage("building", checkpoint_dir):
+            build_gqa(checkpoint_dir, built, dtype)
+        if dtype == "fp32":
+            with bar.stage("verify vs torch"), _failing_stage("checking fp32", checkpoint_dir):
+                diffs["fp32"] = verify_gqa(checkpoint_dir, built, TOLERANCE["fp32"])
+        for path in built.iterdir():
+            path.replace(out_dir / path.name)
     return ExportResult(out_dir, diffs, bar.seconds)
 
 

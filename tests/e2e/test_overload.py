@@ -2,7 +2,8 @@
 503 with ``Retry-After`` in the documented error shape at once, and every accepted one completes.
 
 Capacity here is 1 model replica x (max_num_seqs 2 + max_waiting_seqs 2) = 4 requests in the
-Batcher (``app.batcher_queue_bounds``), plus as many queued at the ingress.
+Batcher (``app.batcher_queue_bounds``), plus as many queued at the ingress: the ingress's gate
+(``serve_app.admission``) lets 8 generation streams in at once.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ class Outcome:
 
 async def _one(http: httpx.AsyncClient, index: int, stream: bool) -> Outcome:
     # Sampled without a seed: neither cached nor coalesced, so every request is its own work.
+    # Long enough that the first accepted ones still hold their places while the rest of the
+    # burst arrives, however slowly a loaded machine lets it in.
     payload = {
         "model": "demo",
         "prompt": f"Request {index} of the burst:",
-        "max_tokens": 48,
+        "max_tokens": 192,
+        "ignore_eos": True,
         "temperature": 1.0,
         "stream": stream,
     }
@@ -102,3 +106,48 @@ def test_the_service_answers_normally_after_the_burst(served_app: str) -> None:
         timeout=60,
     )
     assert response.status_code == 200, response.text
+
+
+async def _tokenize_while_full(base_url: str) -> httpx.Response:
+    """The first refusal among bursts of 12 /tokenize calls while 8 long streams hold the
+    Batcher's 4 slots and queue for them: more calls than the slots left and the queue hold
+    (a call that waits for a slot gives up after half a second)."""
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+
+        async def hold(index: int) -> None:
+            payload = {"model": "demo", "prompt": f"Holder {index}", "max_tokens": 600,
+                       "ignore_eos": True, "temperature": 1.0, "stream": True}  # fmt: skip
+            async with http.stream("POST", "/v1/completions", json=payload) as response:
+                await response.aread()
+
+        async def tokenize() -> httpx.Response | None:
+            try:
+                return await http.post("/tokenize", json={"model": "demo", "prompt": "x"},
+                                       timeout=0.5)  # fmt: skip
+            except httpx.TimeoutException:
+                return None  # waited for a slot
+
+        holders = [asyncio.ensure_future(hold(i)) for i in range(8)]
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                answers = await asyncio.gather(*(tokenize() for _ in range(12)))
+                refused = [a for a in answers if a is not None and a.status_code != 200]
+                if refused:
+                    return refused[0]
+            raise AssertionError("/tokenize was never refused")
+        finally:
+            for holder in holders:
+                holder.cancel()
+            await asyncio.gather(*holders, return_exceptions=True)
+
+
+def test_tokenize_against_a_full_batcher_is_the_documented_503(served_app: str) -> None:
+    refused = asyncio.run(_tokenize_while_full(served_app))
+
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]  # not Serve's plain-text 503
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("service_unavailable", "overloaded")

@@ -293,9 +293,75 @@ def test_duplicate_and_oversized_requests_are_rejected(
     assert info.value.param == "max_tokens"
 
 
-def test_prompt_longer_than_one_prefill_is_rejected(model_dir: Path, decoder: OnnxDecoder) -> None:
-    """A prefill is never split, and TensorRT's prefill profile ends at this length."""
+def long_prompt(tokenizer: Tokenizer, num_tokens: int) -> list[int]:
+    """A prompt of exactly ``num_tokens`` tokens of real text."""
+    token_ids = tokenizer.encode(" ".join(PROMPTS * 8))
+    assert len(token_ids) >= num_tokens
+    return token_ids[:num_tokens]
+
+
+def test_a_prompt_over_the_prefill_budget_gives_the_tokens_of_a_whole_prefill(
+    engine: LLMEngine, model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    prompt = long_prompt(tokenizer, 50)
+    params = greedy(12, ignore_eos=True)
+    whole = generate_alone(engine, prompt, params)
+    chunked = engine_with(model_dir, decoder, max_prefill_tokens=16)
+    chunked.add_request("long", prompt, params)
+    steps = [chunked.step() for _ in range(4)]  # chunks of 16, 16, 16 and 2 tokens
+    assert steps[:3] == [[], [], []], "a chunk before the last yields no token"
+    (first,) = steps[3]
+    assert first.prefill_started_at is not None and first.num_prompt_tokens == 50
+    assert tokens_of([first, *run_to_completion(chunked)["long"]]) == whole
+    assert chunked.num_running == 0 and chunked.kv_cache_usage == 0
+
+
+def test_running_streams_get_a_token_every_step_while_a_long_prompt_prefills(
+    engine: LLMEngine, model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    short = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    prompt = long_prompt(tokenizer, 50)
+    params = greedy(10, ignore_eos=True)
+    expected = [generate_alone(engine, p, params) for p in [*short, prompt]]
+    batch = engine_with(model_dir, decoder, max_prefill_tokens=16)
+    for index, token_ids in enumerate(short):
+        batch.add_request(str(index), token_ids, params)
+    steps = [batch.step()]  # both short prompts prefill together
+    batch.add_request("long", prompt, params)
+    steps += [batch.step() for _ in range(4)]  # the long prompt's four chunks
+    for step in steps[1:4]:
+        assert [(o.request_id, len(o.new_token_ids)) for o in step] == [("0", 1), ("1", 1)]
+    assert [o.request_id for o in steps[4]] == ["0", "1", "long"], "joins after its last chunk"
+    outputs: dict[str, list[SequenceOutput]] = {}
+    for output in [o for step in steps for o in step]:
+        outputs.setdefault(output.request_id, []).append(output)
+    for request_id, rest in run_to_completion(batch).items():
+        outputs[request_id].extend(rest)
+    assert [tokens_of(outputs[r]) for r in ["0", "1", "long"]] == expected
+
+
+def test_abort_mid_prefill_frees_its_cache(
+    model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
     engine = engine_with(model_dir, decoder, max_prefill_tokens=16)
+    engine.add_request("long", long_prompt(tokenizer, 50), greedy(4))
+    assert engine.step() == []
+    assert engine.num_running == 1 and engine.kv_cache_usage > 0
+    engine.abort("long")
+    (aborted,) = engine.step()
+    assert aborted.finish_reason is FinishReason.ABORT and aborted.new_token_ids == ()
+    assert engine.num_running == 0 and engine.kv_cache_usage == 0 and not engine.has_work()
+    assert engine.prefilling is None
+    engine.add_request("long", [5, 6, 7], greedy(2))  # its id is free again
+    assert len(tokens_of(run_to_completion(engine)["long"])) == 2
+
+
+def test_the_tensorrt_backend_refuses_a_prompt_over_the_prefill_budget(
+    model_dir: Path, decoder: OnnxDecoder
+) -> None:
+    """TensorRT's shape profiles hold no chunk over a non-empty cache."""
+    config = EngineConfig(model_path=model_dir, backend="tensorrt", max_prefill_tokens=16)
+    engine = LLMEngine(config, decoder)  # the engine reads the backend from its config
     engine.add_request("fits", list(range(5, 21)), greedy(1))
     with pytest.raises(InvalidRequestError, match="prefills at most 16") as info:
         engine.add_request("long", list(range(5, 22)), greedy(1))

@@ -133,6 +133,42 @@ def test_one_step_prefills_at_most_max_prefill_tokens() -> None:
     assert decoder.forward_shapes[:3] == [(2, 4), (2, 1), (1, 4)]  # prefill, decode, prefill
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_within_the_kv_budget() -> None:
+    decoder = FakeDecoder()
+    engine = fake_engine(decoder, max_prefill_tokens=8, kv_cache_tokens=48)
+    engine.add_request("a", [1, 2], greedy(10, ignore_eos=True))  # up to 12 slots
+    steps = [engine.step()]
+    long_prompt = list(range(3, 23))  # 20 tokens: chunks of 8, 8 and 4
+    engine.add_request("long", long_prompt, greedy(4, ignore_eos=True))  # 2 x 24 = 48 fits
+    engine.add_request("b", [5, 6], greedy(2, ignore_eos=True))  # 3 x 24 > 48: waits
+    while engine.has_work():
+        steps.append(engine.step())
+        assert engine.kv_cache_usage <= 1.0
+    prefill_a, *rest = decoder.forward_shapes
+    assert prefill_a == (1, 2)
+    assert rest[:6] == [(1, 1), (1, 8), (1, 1), (1, 8), (1, 1), (1, 4)]  # decode, then a chunk
+    assert [len(step) for step in steps[1:4]] == [1, 1, 2], "a gets a token at every step"
+    assert first_step(steps, "long") == 3
+    assert first_step(steps, "b") == last_step(steps, "long")  # fits once long has left
+    assert tokens(steps, "a") == continuation([1, 2], 10)
+    assert tokens(steps, "long") == continuation(long_prompt, 4)
+    assert tokens(steps, "b") == continuation([5, 6], 2)
+
+
+def test_abort_mid_prefill_ends_the_sequence_and_frees_its_cache() -> None:
+    engine = fake_engine(max_prefill_tokens=8)
+    engine.add_request("long", list(range(1, 21)), greedy(4))
+    assert engine.step() == []
+    assert engine.num_running == 1 and engine.kv_cache_usage > 0
+    engine.add_request("next", [1, 2], greedy(3, ignore_eos=True))
+    engine.abort("long")
+    steps = run_to_completion(engine)
+    assert final(steps, "long").finish_reason is FinishReason.ABORT
+    assert tokens(steps, "long") == []
+    assert tokens(steps, "next") == continuation([1, 2], 3)
+    assert engine.prefilling is None and engine.num_running == 0 and engine.kv_cache_usage == 0
+
+
 def test_abort_of_a_waiting_request_ends_it_without_tokens() -> None:
     engine = fake_engine(max_num_seqs=1)
     engine.add_request("running", [1, 2], greedy(6, ignore_eos=True))
@@ -172,14 +208,19 @@ def test_abort_of_a_running_request_frees_its_kv_rows_at_the_next_step() -> None
     assert not engine.has_work()
 
 
-def test_the_waiting_queue_is_bounded() -> None:
-    engine = fake_engine(max_waiting_seqs=2)
-    engine.add_request("a", [1], greedy(2))
-    engine.add_request("b", [1], greedy(2))
+def test_the_waiting_queue_is_bounded_beyond_the_batch_s_room() -> None:
+    engine = fake_engine(max_num_seqs=2, max_waiting_seqs=2)
+    # A burst before any step: the batch's room (2) and the waiting queue (2) take it.
+    for request_id in "abcd":
+        engine.add_request(request_id, [1], greedy(4))
     with pytest.raises(EngineOverloadedError, match="waiting queue is full"):
-        engine.add_request("c", [1], greedy(2))
-    engine.step()  # a and b join the batch, the queue empties
-    engine.add_request("c", [1], greedy(2))
+        engine.add_request("e", [1], greedy(4))
+    engine.step()  # a and b join the batch; c and d still wait, the batch is full
+    assert (engine.num_running, engine.num_waiting) == (2, 2)
+    with pytest.raises(EngineOverloadedError, match="waiting queue is full"):
+        engine.add_request("e", [1], greedy(4))
+    run_to_completion(engine)
+    engine.add_request("e", [1], greedy(4))
     assert engine.num_waiting == 1
 
 
@@ -243,7 +284,6 @@ def test_a_step_reports_aborts_then_the_running_batch_then_newcomers_in_arrival_
     [
         ([], greedy(4), "prompt", "empty"),
         ([1] * CONTEXT, greedy(1, fit_to_context=True), "prompt", "context length is 64"),
-        ([1] * 17, greedy(1), "prompt", "prefills at most 16"),
         ([VOCAB], greedy(1), "prompt", r"\[0, 32\)"),
         ([-1], greedy(1), "prompt", r"\[0, 32\)"),
         ([1], greedy(1, stop_token_ids=(VOCAB,)), "stop_token_ids", r"\[0, 32\)"),
@@ -310,12 +350,16 @@ def test_submit_runs_what_it_accepts_and_reports_each_refusal(
     assert len(steps) == 4  # one message per engine step for the whole batch
 
 
-def test_submit_refuses_past_the_waiting_queue_bound(async_engine: AsyncLLMEngine) -> None:
-    requests = [GenerationRequest(rid, [1, 2], greedy(3, ignore_eos=True)) for rid in "abc"]
-    rejected, steps = asyncio.run(collect(async_engine, requests))
-    assert list(rejected) == ["c"]
-    assert isinstance(rejected["c"], EngineOverloadedError)
-    assert {o.request_id for step in steps for o in step if o.finished} == {"a", "b"}
+def test_submit_refuses_past_the_batch_s_room_and_the_waiting_queue() -> None:
+    engine = AsyncLLMEngine(fake_engine(max_num_seqs=1, max_waiting_seqs=2))
+    requests = [GenerationRequest(rid, [1, 2], greedy(3, ignore_eos=True)) for rid in "abcd"]
+    try:
+        rejected, steps = asyncio.run(collect(engine, requests))
+    finally:
+        engine.shutdown()
+    assert list(rejected) == ["d"]
+    assert isinstance(rejected["d"], EngineOverloadedError)
+    assert {o.request_id for step in steps for o in step if o.finished} == {"a", "b", "c"}
 
 
 def test_a_batch_with_nothing_accepted_ends_at_once(async_engine: AsyncLLMEngine) -> None:

@@ -134,12 +134,36 @@ def test_a_prompt_filling_the_context_can_be_scored_but_not_continued(
     full = [7] * context
     with pytest.raises(InvalidRequestError):
         engine.add_request("continue", full, SamplingParams(max_tokens=1))
-    limited = LLMEngine(
-        EngineConfig(model_path=engine.config.model_path, max_prefill_tokens=context), decoder
+    chunked = LLMEngine(
+        EngineConfig(model_path=engine.config.model_path, max_prefill_tokens=context // 4), decoder
     )
-    limited.add_request("score", full, SamplingParams(max_tokens=0, prompt_logprobs=0))
-    (output,) = run_to_completion(limited)["score"]
+    chunked.add_request("score", full, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    (output,) = run_to_completion(chunked)["score"]
     assert output.prompt_logprobs is not None and len(output.prompt_logprobs) == context
+
+
+def test_prompt_logprobs_of_a_prompt_prefilled_in_chunks_equal_a_whole_prefill(
+    engine: LLMEngine, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    prompt = tokenizer.encode(" ".join(PROMPTS * 2))[:50]
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
+    engine.add_request("whole", prompt, params)
+    whole = run_to_completion(engine)["whole"]
+    chunked = LLMEngine(
+        EngineConfig(model_path=engine.config.model_path, max_prefill_tokens=16), decoder
+    )
+    chunked.add_request("chunked", prompt, params)
+    in_chunks = run_to_completion(chunked)["chunked"]
+
+    assert tokens_of(in_chunks) == tokens_of(whole)
+    got, want = in_chunks[0].prompt_logprobs, whole[0].prompt_logprobs
+    assert got is not None and want is not None and len(got) == len(want) == 50
+    assert got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert g is not None and w is not None
+        assert (g.token_id, g.rank) == (w.token_id, w.rank)
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-4)
+        assert [t for t, _ in g.top] == [t for t, _ in w.top]
 
 
 def test_single_token_prompt_has_one_empty_record() -> None:

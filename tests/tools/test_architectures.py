@@ -1,8 +1,9 @@
 """Tiny random models of the Hugging Face architectures in docs/MODELS.md, exported and served.
 
 Each architecture is exported with `export_checkpoint` and served by the engine, and its greedy
-continuations must equal transformers' `generate` token for token: each prompt alone, and all
-prompts in one left-padded batch. The prompts are longer than the sliding-window models' window.
+continuations must equal transformers' `generate` token for token: each prompt alone, all
+prompts in one left-padded batch, and each prompt prefilled in chunks smaller than the window.
+The prompts are longer than the sliding-window models' window.
 The whole matrix runs in this one process on tiny configs to stay inside the fast tier's budget.
 """
 
@@ -189,6 +190,9 @@ def test_export_serves_token_for_token_like_transformers_alone_and_batched(
     alone = [engine_greedy(engine, [prompt])[0] for prompt in batch]
     assert alone == reference
     assert engine_greedy(engine, batch) == reference
+    # Prefilled in chunks of 4 tokens, under the window, over a past longer than the window.
+    chunked = LLMEngine(engine_config.model_copy(update={"max_prefill_tokens": 4}), engine.decoder)
+    assert [engine_greedy(chunked, [prompt])[0] for prompt in batch] == reference
 
 
 def test_sliding_window_models_are_exported_with_their_window(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import cloudpickle
-from ray.serve.exceptions import BackPressureError
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve_app.api import sse
 from serve_app.api.errors import ApiError, to_api_error
@@ -152,6 +153,13 @@ def test_serve_back_pressure_is_a_503_to_retry() -> None:
     error = to_api_error(exc, RID)
     assert (error.status, error.code, error.retry_after) == (503, "overloaded", "1")
     assert "num_queued_requests" not in error.message  # Serve's internals stay in the logs
+
+
+def test_a_deployment_gone_away_is_a_503_to_retry() -> None:
+    exc = DeploymentUnavailableError(DeploymentID("Batcher", "model-small"))
+    error = to_api_error(exc, RID)
+    assert (error.status, error.code, error.retry_after) == (503, "model_unavailable", "1")
+    assert "model-small" not in error.message
 
 
 def test_a_dead_engine_is_a_503_without_its_cause() -> None:

@@ -220,13 +220,19 @@ async def serve_ingress(
     limiter: Any = None,
     auth: AuthConfig = OPEN,
     settings: IngressSettings | None = None,
+    tool_call_parser: str | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of an ``Ingress`` replica over these deployments (fresh doubles if None);
-    ``settings`` replace the default ones (and their ``auth``)."""
+    ``settings`` replace the default ones (and their ``auth``); ``tool_call_parser`` is the
+    model's own."""
     set_replica_context(None)  # Serve sets the context before the constructor runs
     replica = IngressReplica.__new__(IngressReplica)
     served = ServedModel(
-        MODEL, batcher or LocalHandle(ScriptedBatcher()), model or LocalHandle(FakeModel()), cache
+        MODEL,
+        batcher or LocalHandle(ScriptedBatcher()),
+        model or LocalHandle(FakeModel()),
+        cache,
+        tool_call_parser=tool_call_parser,
     )
     settings = settings or IngressSettings(DEFAULT_MAX_TOKENS, auth)
     await replica.__init__([served], limiter, settings)
@@ -1160,3 +1166,35 @@ async def test_a_rate_limiter_that_cannot_answer_lets_requests_through(
         ]
 
     assert [r.status_code for r in responses] == [200, 200]
+
+
+# A model's own tool call parser
+
+
+def answering(text: str) -> Script:
+    """Answers every request with ``text``, whole."""
+
+    async def script(request: PreparedRequest) -> AsyncIterator[TextChunk]:
+        yield TextChunk(
+            request.request_id,
+            text=text,
+            token_ids=[1],
+            finish_reason="stop",
+            prompt_tokens=PROMPT_TOKENS,
+            completion_tokens=1,
+            model_version="v1",
+        )
+
+    return script
+
+
+async def test_a_model_s_own_tool_call_parser_reads_its_auto_calls() -> None:
+    mistral = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    body = {"model": MODEL, "messages": USER_A, "tools": tools, "tool_choice": "auto"}
+    for parser, calls in (("mistral", 1), (None, 0)):  # None: the application's, hermes
+        batcher = LocalHandle(ScriptedBatcher(answering(mistral)))
+        async with serve_ingress(batcher, tool_call_parser=parser) as client:
+            response = await client.post("/v1/chat/completions", json=body)
+        message = response.json()["choices"][0]["message"]
+        assert len(message.get("tool_calls") or []) == calls, message

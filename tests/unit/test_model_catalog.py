@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from serve_app import model_catalog
 from serve_app.api.errors import ApiError
 from serve_app.app import compose
 from serve_app.config import AppArgs
 from serve_app.messages import ModelDescription
 from serve_app.model_catalog import ModelCatalog, ServedModel
 from tests.unit.fake_handles import LocalHandle
+from tests.unit.fakes import HangingHandle
 
 pytestmark = pytest.mark.unit
 
@@ -130,3 +132,19 @@ def test_cards_list_models_then_their_aliases_with_root_and_parent() -> None:
         ("small", "small", None, 256),
     ]
     assert {c.created for c in cards} == {1_700_000_000}
+
+
+def test_a_model_that_does_not_answer_is_a_503_and_left_out_of_the_cards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_catalog, "DESCRIBE_TIMEOUT_S", 0.05)
+    answering: Any = LocalHandle(Described(1024))
+    missing: Any = HangingHandle()  # its application is not running
+    models = ModelCatalog(
+        [ServedModel("demo", answering, answering), ServedModel("gone", missing, missing)], 16
+    )
+
+    assert [card.id for card in asyncio.run(models.cards())] == ["demo"]
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(models.describe("gone"))
+    assert (raised.value.status, raised.value.code) == (503, "model_unavailable")

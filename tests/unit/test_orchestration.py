@@ -176,6 +176,7 @@ def service(
     cache: FakeCacheHandle | HangingHandle | None = None,
     metrics: RequestMetrics | None = None,
     cache_timeout_s: float = 0.5,
+    admission_limit: int | None = None,
 ) -> CompletionService:
     return CompletionService(
         batcher,  # type: ignore[arg-type]
@@ -183,6 +184,7 @@ def service(
         MODEL,
         DEFAULT_MAX_TOKENS,
         metrics or RequestMetrics(MODEL),
+        admission_limit=admission_limit,
     )
 
 
@@ -429,6 +431,66 @@ def test_closing_the_merged_stream_cancels_every_batcher_stream() -> None:
         assert not any(s.cancelled for s in batcher.streams)  # generation is still wanted
         await deltas.aclose()  # type: ignore[attr-defined]  # the client went away
         await until(lambda: all(s.cancelled for s in batcher.streams))
+
+    run(scenario())
+
+
+# Admission (the exact gate in front of the batcher)
+
+
+def test_streams_past_the_admission_limit_are_refused_at_once_and_places_come_back() -> None:
+    async def scenario() -> None:
+        batcher = FakeBatcher()
+        gated = service(batcher, admission_limit=3)
+        first = asyncio.ensure_future(gated.run(completion(n=2), "a"))
+        second = asyncio.ensure_future(gated.run(completion(prompt="other"), "b"))
+        await until(lambda: len(batcher.streams) == 3)
+        for refused in (
+            gated.run(completion(prompt="third"), "c"),
+            gated.stream(completion(), "d"),
+        ):
+            with pytest.raises(ApiError) as raised:
+                await within(refused)
+            error = raised.value
+            assert (error.status, error.code, error.retry_after) == (503, "overloaded", "1")
+        assert len(batcher.streams) == 3  # refused before any batcher call
+        for stream in batcher.streams:
+            stream.push(*echo(stream.request))
+            stream.end()
+        await within(asyncio.gather(first, second))
+        assert gated.admission.in_flight == 0
+        later = asyncio.ensure_future(gated.run(completion(prompt="now there is room"), "e"))
+        await until(lambda: len(batcher.streams) == 4)
+        batcher.streams[3].push(*echo(batcher.streams[3].request))
+        batcher.streams[3].end()
+        await within(later)
+
+    run(scenario())
+
+
+def test_a_request_wider_than_the_limit_is_let_in_alone() -> None:
+    async def scenario() -> None:
+        batcher = FakeBatcher(echo)
+        gated = service(batcher, admission_limit=2)
+        result = await within(gated.run(completion(n=3), "wide"))
+        assert len(result.choices) == 3
+
+    run(scenario())
+
+
+def test_a_refused_stream_is_not_a_model_path_failure_for_the_breaker() -> None:
+    async def scenario() -> None:
+        batcher = FakeBatcher()
+        gated = service(batcher, admission_limit=1)
+        holder = asyncio.ensure_future(gated.run(completion(), "a"))
+        await until(lambda: len(batcher.streams) == 1)
+        for _ in range(20):
+            with pytest.raises(ApiError):
+                await within(gated.run(completion(prompt="more"), "b"))
+        assert gated.circuit_state.label == "closed"
+        batcher.streams[0].push(*echo(batcher.streams[0].request))
+        batcher.streams[0].end()
+        await within(holder)
 
     run(scenario())
 

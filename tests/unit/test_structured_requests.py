@@ -292,3 +292,12 @@ def test_the_tool_call_parser_option_names_a_registered_parser() -> None:
     assert AppArgs().tool_call_parser == "hermes"
     with pytest.raises(ValidationError, match="unknown tool call parser"):
         AppArgs(tool_call_parser="nope")
+
+
+def test_a_model_entry_may_name_its_own_tool_call_parser() -> None:
+    args = AppArgs.model_validate(
+        {"models": [{"name": "a", "tool_call_parser": "mistral"}, {"name": "b"}]}
+    )
+    assert [entry.tool_call_parser for entry in args.model_entries()] == ["mistral", None]
+    with pytest.raises(ValidationError, match="unknown tool call parser"):
+        AppArgs.model_validate({"models": [{"name": "a", "tool_call_parser": "nope"}]})

@@ -114,8 +114,38 @@ def test_a_named_call_is_the_whole_text_even_empty() -> None:
     assert streamed(named, ['{"ci', 'ty":"Oslo"}'])[1] == named.extract('{"city":"Oslo"}').calls
 
 
+MISTRAL = 'Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]'  # noqa: E501
+
+
+@pytest.mark.parametrize("parts", splits(MISTRAL))
+def test_mistral_calls_are_read_from_any_split_of_the_text(parts: list[str]) -> None:
+    content, calls = streamed(tool_calls.MistralToolCalls(), parts)
+    assert content == "Checking."
+    assert calls == [
+        FunctionCall("get_weather", '{"city": "Oslo"}'),
+        FunctionCall("get_time", "{}"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No tools needed: [1, 2].",
+        "[TOOL_CALLS] not json",
+        '[TOOL_CALLS][{"name": "f", "argu',
+        '[TOOL_CALLS][{"arguments": {}}]',
+        "ends with the start of the marker [TOOL_",
+    ],
+)
+def test_mistral_text_without_a_valid_call_array_stays_content(text: str) -> None:
+    for parts in splits(text):
+        assert streamed(tool_calls.MistralToolCalls(), parts) == (text, [])
+    assert tool_calls.MistralToolCalls().extract(text) == tool_calls.ExtractedCalls(text, [])
+
+
 def test_every_parser_is_registered_under_its_name() -> None:
     assert isinstance(tool_calls.tool_call_parser("hermes"), tool_calls.HermesToolCalls)
+    assert isinstance(tool_calls.tool_call_parser("mistral"), tool_calls.MistralToolCalls)
 
 
 # Rendering

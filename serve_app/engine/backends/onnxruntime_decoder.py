@@ -15,7 +15,6 @@ import numpy as np
 import onnxruntime as ort
 
 from serve_app.engine.backends.device import Device, resolve_device
-from serve_app.engine.backends.device_ops import DeviceTensorOps
 from serve_app.engine.backends.host_ops import HostTensorOps
 from serve_app.engine.backends.tensorrt_profiles import decoder_profiles, tensorrt_provider_shapes
 from serve_app.engine.config import EngineConfig
@@ -50,7 +49,7 @@ class OnnxDecoder:
         self.device = resolve_device(config)
         self.session = ort.InferenceSession(
             str(onnx_path),
-            sess_options=_session_options(config),
+            sess_options=session_options(config),
             providers=session_providers(config, self.device, onnx_path, self.config),
         )
         inputs = {
@@ -61,6 +60,9 @@ class OnnxDecoder:
         self.io = ModelIO.from_signature(inputs, outputs, self.config)
         self.ops: TensorOps
         if self.device.is_gpu:
+            # Imported here: its graphs need onnx, about a second to import, on GPU only.
+            from serve_app.engine.backends.device_ops import DeviceTensorOps
+
             self.ops, self.run = DeviceTensorOps(self.io, self.device), self.run_on_device
         else:
             self.ops, self.run = HostTensorOps(self.io), self.run_on_host
@@ -168,7 +170,8 @@ def _tensorrt_defaults(
     }
 
 
-def _session_options(config: EngineConfig) -> ort.SessionOptions:
+def session_options(config: EngineConfig) -> ort.SessionOptions:
+    """Threads, graph optimization and spinning as the engine config sets them."""
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[config.graph_optimization]
     options.intra_op_num_threads = config.intra_op_num_threads
