@@ -4,6 +4,7 @@ at once, and close again once Serve has replaced it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import threading
@@ -76,19 +77,27 @@ def test_identical_concurrent_greedy_requests_run_as_one_engine_sequence(
     assert settled_metric(client, SEQUENCES) == sequences + 1
 
 
+def kill_model_replicas() -> None:
+    """Kill every model replica actor there is now."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "LLMModel" in actor["name"]:
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                ray.kill(ray.get_actor(actor["name"], namespace="serve"), no_restart=True)
+
+
 def test_the_breaker_opens_sheds_at_once_and_closes_once_the_model_is_back(
     client: httpx.Client, served_app: str
 ) -> None:
     assert client.get("/health").json()["circuit_breakers"] == {"demo": "closed"}
     opens = scrape(client, "ray_serve_app_circuit_opens_total")
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    replica = next(n for n in names if "LLMModel" in n)
-    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
 
-    # The model path fails now; the breaker opens after three failures.
+    # The model path fails: every model replica is killed, replacements too, until the breaker
+    # opens after three failures (on a fast machine Serve would otherwise replace the replica
+    # before three requests have failed).
     failures: list[str] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        kill_model_replicas()
         error = client.post("/v1/completions", json=SAMPLED).json().get("error")
         if error is not None and error["code"] == "circuit_open":
             break
