@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 import psutil
-from served import free_port, process_totals
+from served import config_label, free_port, process_totals
 
 from serve_app.bench.report import figure, machine, markdown_table, save_figure, write_json
 from serve_app.bench.serve_run import ROOT, serve_run_process
@@ -322,9 +322,7 @@ def main() -> None:
     document = {
         "benchmark": "cold_start",
         "machine": machine(),
-        "config": str(
-            args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
-        ),
+        "config": config_label(args.config),
         "target_s": TARGET_S,
         "summary": summary,
         "runs": [asdict(r) for r in runs],

@@ -21,7 +21,7 @@ import yaml
 
 from serve_app.bench.client import Target, stream_request
 from serve_app.bench.dataset import BenchRequest
-from serve_app.bench.serve_run import serve_run_process
+from serve_app.bench.serve_run import ROOT, serve_run_process
 from serve_app.bench.trace import RequestTrace
 
 STARTUP_TIMEOUT_S = 300.0
@@ -62,6 +62,11 @@ def _wait_healthy(base_url: str) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"{base_url}/health did not answer 200 in {STARTUP_TIMEOUT_S} s")
+
+
+def config_label(config: Path) -> str:
+    """``config`` as the results name it: relative to the repository when it is in it."""
+    return str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config)
 
 
 def process_totals(root: int, measure: Callable[[psutil.Process], float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from served import engine_capacity, ray_rss_mb, serve_run, timed
+from served import config_label, engine_capacity, ray_rss_mb, serve_run, timed
 
 from serve_app.bench.dataset import LengthRange, random_requests
 from serve_app.bench.report import figure, machine, markdown_table, save_figure, write_json
@@ -204,9 +204,7 @@ def main() -> None:
     summary = {
         "benchmark": "soak",
         "machine": machine(),
-        "config": str(
-            args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
-        ),
+        "config": config_label(args.config),
         "minutes": args.minutes,
         "capacity": capacity,
         "fraction": args.fraction,

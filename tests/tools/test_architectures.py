@@ -22,12 +22,13 @@ import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from serve_app import DEMO_MODEL_DIR
-from serve_app.engine import EngineConfig, LLMEngine, SamplingParams, load_decoder
+from serve_app.engine import EngineConfig, LLMEngine, load_decoder
 from serve_app.engine.model_config import ModelConfig, ModelLoadError
 from serve_app.text.chat_template import ChatTemplate
 from serve_app.tools.__main__ import main
 from serve_app.tools.export import export_checkpoint
 from serve_app.tools.model_dir import ModelDirError
+from tests.tools.test_export_quantize import greedy_continuations
 
 VOCAB = 512
 WINDOW = 8  # the sliding-window models' window, so the prompts can be longer than it
@@ -156,14 +157,7 @@ def transformers_greedy(model: Any, prompt: list[int]) -> list[int]:
 
 def engine_greedy(engine: LLMEngine, batch: list[list[int]]) -> list[list[int]]:
     """The engine's greedy continuations of `batch`, all added before the first step."""
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    for index, prompt in enumerate(batch):
-        engine.add_request(str(index), prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work():
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
-    return [tokens[str(index)] for index in range(len(batch))]
+    return greedy_continuations(engine, [(prompt, NEW_TOKENS) for prompt in batch])
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

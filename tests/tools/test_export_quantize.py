@@ -73,18 +73,26 @@ def save_checkpoint(architecture: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def run_engine(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy continuations of all prompts, batched by the engine."""
-    config = EngineConfig(model_path=model_dir, intra_op_num_threads=2)
-    engine = LLMEngine(config, load_decoder(config))
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for index, prompt in enumerate(prompts):
+def greedy_continuations(
+    engine: LLMEngine, requests: list[tuple[list[int], int]]
+) -> list[list[int]]:
+    """The engine's greedy continuations of ``(prompt, max_tokens)`` requests, all added
+    before the first step, run to the end."""
+    for index, (prompt, max_tokens) in enumerate(requests):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         engine.add_request(str(index), prompt, params)
     tokens: dict[str, list[int]] = {}
     while engine.has_work():
         for output in engine.step():
             tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
-    return [tokens[str(index)] for index in range(len(prompts))]
+    return [tokens[str(index)] for index in range(len(requests))]
+
+
+def run_engine(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations of all prompts, batched by the engine."""
+    config = EngineConfig(model_path=model_dir, intra_op_num_threads=2)
+    engine = LLMEngine(config, load_decoder(config))
+    return greedy_continuations(engine, [(prompt, max_tokens) for prompt in prompts])
 
 
 def torch_greedy(decoder: HFDecoder, prompt: list[int]) -> list[int]:

@@ -20,7 +20,7 @@ from serve_app.engine.backends.onnxruntime_decoder import OnnxDecoder
 from serve_app.engine.decoder import graph_op_types
 from serve_app.tools.__main__ import main
 from serve_app.tools.export import export_checkpoint
-from tests.tools.test_export_quantize import save_checkpoint
+from tests.tools.test_export_quantize import greedy_continuations, save_checkpoint
 
 NUM_REQUESTS = 16
 ROWS = 8  # fewer rows than requests: rows are freed and reused while others run
@@ -127,18 +127,7 @@ def test_sixteen_requests_joining_and_leaving_match_transformers(gqa_dir: Path, 
     assert len({t for tokens in served for t in tokens}) > 32, "greedy decoding degenerated"
     assert engine.num_running == 0 and engine.kv_cache_usage == 0
     # All queued at once: the first 8 are prefilled together, right-padded, in one run.
-    assert all_at_once(engine, requests) == expected
-
-
-def all_at_once(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> list[list[int]]:
-    for index, (prompt, max_tokens) in enumerate(requests):
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        engine.add_request(str(index), prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work():
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
-    return [tokens[str(index)] for index in range(len(requests))]
+    assert greedy_continuations(engine, requests) == expected
 
 
 def test_an_int4_build_serves_batched_as_alone(checkpoint: Path, tmp_path: Path) -> None:
@@ -148,8 +137,8 @@ def test_an_int4_build_serves_batched_as_alone(checkpoint: Path, tmp_path: Path)
     assert isinstance(decoder, GQADecoder)
     assert "MatMulNBits" in graph_op_types(tmp_path / "int4" / "model.onnx")
     requests = random_requests(NUM_REQUESTS, seed=8)
-    alone = [all_at_once(LLMEngine(config, decoder), [request])[0] for request in requests]
-    assert all_at_once(LLMEngine(config, decoder), requests) == alone
+    alone = [greedy_continuations(LLMEngine(config, decoder), [request])[0] for request in requests]
+    assert greedy_continuations(LLMEngine(config, decoder), requests) == alone
 
 
 def test_a_prompt_longer_than_the_chunk_budget_is_prefilled_in_chunks(
