@@ -9,6 +9,7 @@ Batcher (``app.batcher_queue_bounds``), plus as many queued at the ingress: the 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from statistics import median
@@ -91,7 +92,10 @@ def test_a_burst_past_capacity_is_shed_with_503_and_every_accepted_request_compl
     for outcome in accepted:
         if "events" in outcome.body:  # a stream: generated to its end, no error event
             assert outcome.body["events"].rstrip().endswith("data: [DONE]")
-            assert '"error"' not in outcome.body["events"]
+            payloads = [line[6:] for line in outcome.body["events"].splitlines()
+                        if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+            # An error event, not the text: a sampled answer may well say "error".
+            assert not any("error" in json.loads(p) for p in payloads)
         else:
             assert outcome.body["choices"][0]["finish_reason"] in ("length", "stop")
 
