@@ -57,9 +57,10 @@ def engine_round_fn(
     allow_spinning: bool = True,
     **options: object,
 ) -> RoundFn:
-    """Rounds on this engine; request i of a round gets ``prompts[i % len(prompts)]``.
-
-    ``options`` are further ``EngineOptions`` (backend, device, execution_providers).
+    """Rounds on a new engine sized for these prompts (a KV budget of every sequence's whole
+    request, a prefill budget of 64 prompts); request i of a round gets
+    ``prompts[i % len(prompts)]``. ``options`` are further ``EngineOptions`` (backend, device,
+    execution_providers).
     """
     longest = max(len(p) for p in prompts)
     config = EngineConfig(
@@ -71,7 +72,11 @@ def engine_round_fn(
         allow_spinning=allow_spinning,
         **options,
     )
-    engine = LLMEngine(config, load_decoder(config))
+    return engine_rounds(LLMEngine(config, load_decoder(config)), prompts, max_tokens)
+
+
+def engine_rounds(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> RoundFn:
+    """Rounds on ``engine``; request i of a round gets ``prompts[i % len(prompts)]``."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
     def round_fn(concurrency: int) -> PointRun:

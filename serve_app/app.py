@@ -181,7 +181,7 @@ def _bind_deployments(
         name=name(_name(LLMModel)),
         user_config=source.model_dump(mode="json"),
         **model_options,
-    ).bind(model.engine, cache, tracing)
+    ).bind(model.engine, cache, tracing, model.variants)
     bounds = batcher_queue_bounds(model, _most_replicas(model_options))
     batcher = Batcher.options(  # type: ignore[attr-defined]
         name=name(_name(Batcher)),

@@ -7,6 +7,7 @@ deployment (the live-tunable ones travel as the deployments' ``user_config``).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -228,6 +229,36 @@ class ModelDeploymentOptions(BaseModel):
 
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# A request names a variant of a model as "<model>:<variant>", the variant being a folder name.
+VARIANT_SEPARATOR = ":"
+
+
+def split_variant(name: str) -> tuple[str, str] | None:
+    """``(model, variant)`` when ``name`` has the form ``<model>:<variant>`` with a variant
+    that may name a folder (MODEL_NAME_PATTERN: no separators, no '..'); else None."""
+    model, separator, variant = name.rpartition(VARIANT_SEPARATOR)
+    if not separator or not model or re.fullmatch(MODEL_NAME_PATTERN, variant) is None:
+        return None
+    return model, variant
+
+
+class VariantsConfig(BaseModel):
+    """Variants of one model (e.g. per-customer fine-tunes), each a model folder in
+    ``directory``, loaded on demand by the replicas Serve routes their requests to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path = Field(
+        description="Folder of variant model folders; a request names one as "
+        "'<model>:<folder name>'. A folder added while serving is served without a redeploy. "
+        "Each shares its model's tokenizer and chat template."
+    )
+    max_loaded_per_replica: int = Field(
+        default=3,
+        ge=1,
+        description="Variants one replica holds at once (Serve's max_num_models_per_replica); "
+        "loading one more unloads the least recently used, once its streams have ended.",
+    )
 
 
 def _known_parser(name: str) -> str:
@@ -297,6 +328,11 @@ class ModelServing(BaseModel):
     deployment: ModelDeploymentOptions = Field(
         default_factory=ModelDeploymentOptions,
         description="Replicas, autoscaling and resources of its model-server deployment.",
+    )
+    variants: VariantsConfig | None = Field(
+        default=None,
+        description="Variants of this model served by its replicas, multiplexed "
+        "(docs/OPERATIONS.md, Variants).",
     )
 
     def version(self) -> str:
@@ -398,6 +434,11 @@ class AppArgs(BaseModel):
     batcher: BatcherConfig = Field(
         default_factory=BatcherConfig, description="Micro-batching (live-tunable)."
     )
+    variants: VariantsConfig | None = Field(
+        default=None,
+        description="Single-model form: variants of the model served by its replicas, "
+        "multiplexed (docs/OPERATIONS.md, Variants).",
+    )
     admission_limit: int | None = Field(
         default=None,
         ge=1,
@@ -493,6 +534,7 @@ class AppArgs(BaseModel):
                 model_version=self.model_version,
                 engine=self.engine,
                 batcher=self.batcher,
+                variants=self.variants,
                 admission_limit=self.admission_limit,
             )
         ]
@@ -505,4 +547,4 @@ class AppArgs(BaseModel):
 
 
 _SINGLE_MODEL_FIELDS = {"model_name", "model_path", "model_version", "engine", "batcher",
-                        "admission_limit"}  # fmt: skip
+                        "variants", "admission_limit"}  # fmt: skip

@@ -142,6 +142,8 @@ class ModelDescription:
     parameters: int
     context_length: int
     loaded_at: float
+    # Its variants (folders of its variants directory), with when each last changed, by name.
+    variants: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

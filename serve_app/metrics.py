@@ -142,6 +142,15 @@ class EngineMetrics:
             "Sequences decoded together in one engine step.",
             boundaries=BATCH_BUCKETS,
         )
+        # vLLM's names: prompt tokens looked up in the prefix cache, and of those, reused.
+        self.prefix_cache_queries = metrics.Counter(
+            f"{PREFIX}_prefix_cache_queries",
+            "Prompt tokens of admitted sequences looked up in the prefix cache.",
+        )
+        self.prefix_cache_hits = metrics.Counter(
+            f"{PREFIX}_prefix_cache_hits",
+            "Prompt tokens whose KV was reused from the prefix cache.",
+        )
         self._last_occupancy: tuple[int, int, float] | None = None
 
     def record(self, stats: StepStats) -> None:
@@ -156,6 +165,10 @@ class EngineMetrics:
             self.batch_size.observe(stats.decoded)
         for seconds in stats.queue_times_s:
             self.queue_time.observe(seconds)
+        if stats.prefix_cache_queries:
+            self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        if stats.prefix_cache_hits:
+            self.prefix_cache_hits.inc(stats.prefix_cache_hits)
 
 
 def node_metrics_text(timeout_s: float = 2.0) -> str:

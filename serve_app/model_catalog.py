@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api.errors import model_unavailable
+from serve_app.api.errors import ApiError, model_unavailable
 from serve_app.api.openai_responses import ModelCard
 from serve_app.clients.response_cache import ResponseCacheClient
-from serve_app.config import CircuitBreakerConfig
-from serve_app.messages import ModelDescription
+from serve_app.config import VARIANT_SEPARATOR, CircuitBreakerConfig, split_variant
+from serve_app.messages import ModelDescription, RequestError
 from serve_app.metrics import request_metrics
 from serve_app.orchestration import CompletionService, model_not_found
 
@@ -73,13 +73,29 @@ class ModelCatalog:
         return self.models[0]
 
     def get(self, name: str | None) -> ServedModel:
-        """The model ``name`` (or an alias) denotes, the default for None; else a 404."""
+        """The model ``name`` (or an alias, or ``<model>:<variant>``) denotes, the default for
+        None; else a 404."""
         if name is None:
             return self.default
         model = self._by_name.get(name)
+        split = split_variant(name) if model is None else None
+        if split is not None:
+            model = self._by_name.get(split[0])
         if model is None:
             raise model_not_found(name, list(self._by_name))
         return model
+
+    def served_name(self, name: str | None) -> str:
+        """The name answers carry for a request naming ``name``: the model's own name (for
+        an alias too), ``<model>:<variant>`` for a variant; 404 as ``get``."""
+        model, variant = self._resolve(name)
+        return model.name if variant is None else f"{model.name}{VARIANT_SEPARATOR}{variant}"
+
+    def _resolve(self, name: str | None) -> tuple[ServedModel, str | None]:
+        """The model ``name`` denotes, and the variant of it that it names, if any."""
+        model = self.get(name)
+        variant = None if name is None else self._services[model.name].variant_of(name)
+        return model, variant
 
     def service(self, name: str) -> CompletionService:
         """The ``CompletionService`` of the model ``name`` denotes (404 if none)."""
@@ -90,19 +106,30 @@ class ModelCatalog:
         return {name: service.circuit_state.label for name, service in self._services.items()}
 
     async def describe(self, name: str | None) -> ModelDescription:
-        """What a replica of the model ``name`` denotes serves; 503 ``model_unavailable`` when
-        none answers within ``DESCRIBE_TIMEOUT_S`` (a handle to an application not running
-        waits for it without end)."""
-        call = self.get(name).model.describe.remote()
+        """What a replica of the model ``name`` denotes serves (for a variant: the variant,
+        loaded by a replica if none holds it); 503 ``model_unavailable`` when none answers
+        within ``DESCRIBE_TIMEOUT_S`` (a handle to an application not running waits for it
+        without end), the variant's 404 or 503 when it cannot be served."""
+        model, variant = self._resolve(name)
+        if variant is None:
+            call = model.model.describe.remote()
+        else:
+            handle = model.model.options(multiplexed_model_id=variant)
+            call = handle.describe_variant.remote(variant)
         try:
-            description: ModelDescription = await asyncio.wait_for(call, DESCRIBE_TIMEOUT_S)
+            description: ModelDescription | RequestError = await asyncio.wait_for(
+                call, DESCRIBE_TIMEOUT_S
+            )
         except TimeoutError:
             raise model_unavailable() from None
+        if isinstance(description, RequestError):
+            raise ApiError.from_request_error(description)
         return description
 
     async def cards(self) -> list[ModelCard]:
         """``/v1/models``: a card per model that answers, then one per alias naming it as root
-        and parent. A model that does not answer is left out, not the whole list."""
+        and parent, and one per variant naming it as parent. A model that does not answer is
+        left out, not the whole list."""
         described = await asyncio.gather(
             *(self.describe(m.name) for m in self.models), return_exceptions=True
         )
@@ -125,4 +152,8 @@ class ModelCatalog:
                 card.model_copy(update={"id": alias, "parent": model.name})
                 for alias in model.aliases
             )
+            for variant, changed_at in description.variants.items():
+                named = f"{model.name}{VARIANT_SEPARATOR}{variant}"
+                update = {"id": named, "root": named, "parent": model.name}
+                cards.append(card.model_copy(update={**update, "created": int(changed_at)}))
         return cards

@@ -27,6 +27,14 @@ class LoadedModel:
     loaded_at: float
     streams: int = 0
     retired: bool = False
+    sequences: int = 0  # requests submitted to its engine
+
+    def retire(self) -> None:
+        """Stop serving it: shut it down now, or after its last stream if it has any."""
+        if self.streams:
+            self.retired = True
+        else:
+            self.engine.shutdown()
 
     def release(self) -> None:
         """One stream ended; a retired engine shuts down after its last one."""

@@ -23,7 +23,7 @@ from serve_app.api.openai import CompletionRequest
 from serve_app.circuit_breaker import CircuitBreaker, CircuitState, guarded
 from serve_app.clients.response_cache import ResponseCacheClient
 from serve_app.coalescing import Coalescer
-from serve_app.config import CircuitBreakerConfig
+from serve_app.config import CircuitBreakerConfig, split_variant
 from serve_app.messages import PreparedRequest, TextChunk
 from serve_app.metrics import RequestMetrics
 from serve_app.results import (
@@ -75,10 +75,16 @@ class CompletionService:
         self.names = frozenset([model_name, *aliases])
         self.default_max_tokens = default_max_tokens
 
-    def check_model(self, name: str) -> None:
-        """404 for a model this service does not serve (by its name or an alias)."""
-        if name not in self.names:
+    def variant_of(self, name: str) -> str | None:
+        """The variant ``name`` asks for (``<model>:<variant>``), None for the model itself
+        (its name or an alias); 404 for a model this service does not serve. Whether the
+        variant exists, its model replica says."""
+        if name in self.names:
+            return None
+        split = split_variant(name)
+        if split is None or split[0] not in self.names:
             raise model_not_found(name, [self.model_name])
+        return split[1]
 
     @property
     def circuit_state(self) -> CircuitState:
@@ -90,15 +96,15 @@ class CompletionService:
     ) -> CompletionResult:
         """Generate every choice to the end (or answer from the cache). ``trace_context``:
         the caller's W3C trace headers, if it sent any."""
-        self.check_model(request.model)
+        variant = self.variant_of(request.model)
         self.admission.check()
         with tracing.span("ingress", tracing.extract(trace_context), request_id) as span:
-            cacheable = self._cacheable(request)
+            cacheable = self._cacheable(request, variant)
             cached = await self._lookup(cacheable, span, request_id)
             if cached is not None:
                 return _from_cache(cached)
             accumulator = Accumulator.of(request)
-            deltas = self._generation(request, request_id, span, cacheable)
+            deltas = self._generation(request, request_id, span, cacheable, variant)
             async with aclosing(deltas):  # type: ignore[type-var]
                 async for delta in deltas:
                     accumulator.add(delta)
@@ -110,12 +116,12 @@ class CompletionService:
         """(cache hit, the choices' deltas). Waits for the first delta before returning, so
         that a request rejected by the batcher raises here, before any response has begun.
         Its span ends with the deltas."""
-        self.check_model(request.model)
+        variant = self.variant_of(request.model)
         self.admission.check()
         span = tracing.start_span("ingress", tracing.extract(trace_context), request_id)
         span.set_attribute("serve_app.stream", True)
         try:
-            cache_hit, deltas = await self._start_stream(request, request_id, span)
+            cache_hit, deltas = await self._start_stream(request, request_id, span, variant)
         except BaseException as exc:
             tracing.record_error(span, exc)
             span.end()
@@ -123,13 +129,13 @@ class CompletionService:
         return cache_hit, tracing.ending_with(span, deltas)
 
     async def _start_stream(
-        self, request: Request, request_id: str, span: Span
+        self, request: Request, request_id: str, span: Span, variant: str | None
     ) -> tuple[bool, AsyncIterator[ChoiceDelta]]:
-        cacheable = self._cacheable(request)
+        cacheable = self._cacheable(request, variant)
         cached = await self._lookup(cacheable, span, request_id)
         if cached is not None:
             return True, _replay(cached)
-        deltas = self._generation(request, request_id, span, cacheable)
+        deltas = self._generation(request, request_id, span, cacheable, variant)
         try:
             first = await anext(deltas)
         except StopAsyncIteration:
@@ -140,15 +146,21 @@ class CompletionService:
         return False, _Prepended(first, deltas)
 
     def _generation(
-        self, request: Request, request_id: str, span: Span, cacheable: dict[str, Any] | None
+        self,
+        request: Request,
+        request_id: str,
+        span: Span,
+        cacheable: dict[str, Any] | None,
+        variant: str | None,
     ) -> AsyncIterator[ChoiceDelta]:
-        """The request's deltas from the batcher, through the circuit breaker, cached once
-        complete when ``cacheable``. An identical deterministic request already generating
-        is followed instead, from its first delta (docs/OPERATIONS.md, coalescing)."""
+        """The request's deltas from the batcher (of ``variant``, if set), through the circuit
+        breaker, cached once complete when ``cacheable``. An identical deterministic request
+        already generating is followed instead, from its first delta (docs/OPERATIONS.md,
+        coalescing)."""
 
         def generate() -> AsyncIterator[ChoiceDelta]:
             prepared = self._prepare(request, request_id, tracing.inject(span))
-            deltas = self._deltas(prepared, request.n)
+            deltas = self._deltas(prepared, request.n, variant)
             if self.breaker is not None:
                 deltas = guarded(self.breaker, deltas)
             if cacheable is None:
@@ -235,14 +247,15 @@ class CompletionService:
             await self.cache.store(result.model_version, cacheable, _to_cache(result))
 
     async def _deltas(
-        self, prepared: list[PreparedRequest], choices_per_prompt: int
+        self, prepared: list[PreparedRequest], choices_per_prompt: int, variant: str | None
     ) -> AsyncIterator[ChoiceDelta]:
         """Every choice's chunks as they come, merged and timed; an error chunk raises
-        ``ApiError``."""
+        ``ApiError``. A ``variant``'s requests carry it as Serve's multiplexed model id."""
         timer = _StreamTimer(self.metrics, time.perf_counter(), choices_per_prompt)
+        batcher = self.batcher.options(stream=True, multiplexed_model_id=variant or "")
         try:
             with self.admission.hold(len(prepared)):
-                streams = [self.batcher.options(stream=True).generate.remote(p) for p in prepared]
+                streams = [batcher.generate.remote(p) for p in prepared]
                 async for index, chunk in _merge(streams):
                     if chunk.error is not None:
                         raise ApiError.from_request_error(chunk.error)
@@ -253,10 +266,13 @@ class CompletionService:
             # installs its own plain-text handlers for these on the ingress app, ahead of ours.
             raise to_api_error(exc, prepared[0].request_id) from None
 
-    def _cacheable(self, request: Request) -> dict[str, Any] | None:
+    def _cacheable(self, request: Request, variant: str | None) -> dict[str, Any] | None:
         """What identifies a deterministic request (prompt and every sampling parameter);
-        None for requests never cached: sampled without a seed, or asking for logprobs or the
-        prompt echoed (the cache keeps neither logprobs nor prompts)."""
+        None for requests never cached: sampled without a seed, asking for logprobs or the
+        prompt echoed (the cache keeps neither logprobs nor prompts), or for a variant (whose
+        folder may change without a redeploy, and whose version only its replica knows)."""
+        if variant is not None:
+            return None
         wants_logprobs = request.logprobs is not None and request.logprobs is not False
         if isinstance(request, CompletionRequest):
             wants_logprobs |= request.echo or request.prompt_logprobs is not None

@@ -37,6 +37,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, tier))
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """In the fast tier (``-m "not e2e"``), leave tests/e2e unimported: it would deselect every
+    test there anyway, after seconds of importing Ray Serve and the clients they use."""
+    fast_tier = " ".join(str(config.getoption("markexpr")).split()) == "not e2e"
+    return True if fast_tier and collection_path == TESTS / "e2e" else None
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """In runs that started Ray: leave without interpreter teardown, keeping pytest's status.

@@ -65,11 +65,26 @@ BENCH_MODEL = (
     Path(os.environ.get("SERVE_APP_CACHE", Path.home() / ".cache" / "serve_app"))
     / "bench-llama-100m"
 )  # where ``python -m serve_app.tools.build_bench_model`` writes it by default
+GQA_SUBDIR = "gqa"  # the builder writes the same weights' fused-attention layout here
 
 
-def benchmark_model() -> tuple[str, Path]:
+def benchmark_model(layout: str = "optimum") -> tuple[str, Path]:
     """``("bench", its folder)`` when the benchmark model is built, else ``("demo", ...)``;
-    says which it took."""
+    says which it took.
+
+    ``layout="gqa"`` takes the fused-attention build of the benchmark model's weights,
+    ``("bench-gqa", its folder)``; there is no demo one, so a missing build raises
+    FileNotFoundError naming the command that makes it.
+    """
+    if layout == "gqa":
+        folder = BENCH_MODEL / GQA_SUBDIR
+        if not (folder / "genai_config.json").is_file():
+            raise FileNotFoundError(
+                f"no fused-attention benchmark model at {folder}: "
+                "python -m serve_app.tools.build_bench_model adds it"
+            )
+        print(f"== model: bench-gqa at {folder}", flush=True)
+        return "bench-gqa", folder
     if (BENCH_MODEL / "model.onnx").is_file():
         print(f"== model: bench at {BENCH_MODEL}", flush=True)
         return "bench", BENCH_MODEL

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import tracing
 from serve_app.api.tokenize import TokenizeRequest
 from serve_app.config import DRAIN_POLL_S, BatcherConfig, TracingConfig
+from serve_app.deployments.replica_router import ReplicaAffinityRouter
 from serve_app.messages import (
     DetokenizedText,
     PreparedRequest,
@@ -43,7 +44,14 @@ ABORT_TIMEOUT_S = 5.0
 MAX_MICRO_BATCHES = 256  # in flight at once per batcher replica
 
 
-@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
+@serve.deployment(
+    max_ongoing_requests=1024,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+    # A variant's requests carry its multiplexed model id, so that Serve batches them apart.
+    # Serve's default router would then look for a Batcher replica holding that variant (none
+    # does) and back off before each such call; this one ranks them all alike.
+    request_router_config={"request_router_class": ReplicaAffinityRouter},
+)
 class Batcher:
     """Tokenizes, micro-batches and detokenizes; never runs the model itself."""
 
@@ -128,7 +136,8 @@ class Batcher:
     ) -> AsyncIterator[list[StreamItem]]:
         batch = MicroBatch(requests, self.tokenizer, self.chat_template)
         self._running.update(batch.request_ids)
-        run = self._run(batch)
+        # Serve splits micro-batches by multiplexed model id: all of this one's is the same.
+        run = self._run(batch, serve.get_multiplexed_model_id())
         try:
             async for items in run:
                 yield items
@@ -137,8 +146,9 @@ class Batcher:
             self._running.difference_update(batch.request_ids)
             self._cancelled.difference_update(batch.request_ids)
 
-    async def _run(self, batch: MicroBatch) -> AsyncGenerator[list[StreamItem], None]:
-        """Stream a micro-batch through a model replica, one item list per step message."""
+    async def _run(self, batch: MicroBatch, variant: str) -> AsyncGenerator[list[StreamItem], None]:
+        """Stream a micro-batch through a model replica (running ``variant`` of the model, if
+        one is named), one item list per step message."""
         yield batch.collect()
         if not batch.runnable:
             return
@@ -146,7 +156,7 @@ class Batcher:
         self._active_streams += len(batch.runnable)
         try:
             steps_of_batch = coalesced_steps(
-                lambda: self._stream_to_model(batch), self.settings.model_wait_s
+                lambda: self._stream_to_model(batch, variant), self.settings.model_wait_s
             )
             async for steps in steps_of_batch:
                 for step in steps:
@@ -166,15 +176,15 @@ class Batcher:
         finally:
             self._active_streams -= len(batch.runnable)
 
-    def _stream_to_model(self, batch: MicroBatch) -> Any:
+    def _stream_to_model(self, batch: MicroBatch, variant: str) -> Any:
         """The ONE streaming call that carries a micro-batch to a model replica, with each
-        request's trace context.
+        request's trace context; for a ``variant``, to one that holds it if any does.
 
         It runs in a context of its own: made inside the first request's context, Serve would
         treat it as that request's child and cancel it (and every other request of the
         micro-batch) when that one caller goes away. Callers leave through targeted aborts.
         """
-        call = self.model.options(stream=True).generate_batch.remote
+        call = self.model.options(stream=True, multiplexed_model_id=variant).generate_batch.remote
         traced = batch.trace_contexts()  # empty when tracing is off
         kwargs = {"trace_contexts": traced} if traced else {}
         return contextvars.Context().run(call, batch.runnable, **kwargs)

@@ -194,9 +194,9 @@ class Ingress:
     @app.get("/v1/model_info")
     async def model_info(self, model: str | None = None) -> ModelInfo:
         """The seed's ``ModelInfo`` (name, version, type, parameters, max_tokens, created_at),
-        plus the backend, of ``model`` (default: the first served)."""
-        name = self.catalog.get(model).name
-        return render.model_info(name, await self.catalog.describe(name))
+        plus the backend, of ``model`` (default: the first served; a variant too)."""
+        description = await self.catalog.describe(model)
+        return render.model_info(self.catalog.served_name(model), description)
 
     @app.get("/health", response_model=Health)
     async def health(self) -> JSONResponse:
@@ -337,7 +337,7 @@ class Ingress:
         return body.tool_call_format(parser)
 
     def _as_completion(self, body: InferRequest) -> CompletionRequest:
-        return body.to_completion_request(self.catalog.get(body.model).name)
+        return body.to_completion_request(self.catalog.served_name(body.model))
 
     async def _infer_item(self, request: Request, item: Any, rid: str) -> InferResponse:
         started = time.perf_counter()

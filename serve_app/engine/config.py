@@ -74,6 +74,15 @@ class EngineOptions(BaseModel):
         "steps of the running batch. TensorRT's prefill shape profile is sized from it; the "
         "TensorRT backends do not prefill in chunks and refuse longer prompts.",
     )
+    prefix_cache_tokens: int = Field(
+        default=4096,
+        ge=0,
+        description="Prompt tokens whose KV the engine keeps for reuse, in blocks of 16 (0: no "
+        "prefix reuse). A prompt that starts with a cached block-aligned prefix (exact token "
+        "match) copies its KV in and prefills only the rest; least recently used blocks go "
+        "first. Held in host memory beside the KV cache: this many tokens x the model's KV "
+        "bytes per token. Not with the TensorRT backends, which do not prefill over a past.",
+    )
     intra_op_num_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=0,

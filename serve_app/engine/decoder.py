@@ -52,6 +52,10 @@ class TensorOps(Protocol):
         """``first``'s rows then ``second``'s, each left-padded with zeros to ``length`` columns."""
         ...
 
+    def from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        """Host arrays as tensors where the cache lives (a reused prefix's K/V)."""
+        ...
+
     def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
         """``logits[:, -1, :]`` as float32 on the host: the only rows sampling needs."""
         ...
@@ -115,6 +119,15 @@ class SlotDecoder(Protocol):
 
     def move_row(self, source: int, destination: int, length: int) -> None:
         """Copy the first ``length`` cached tokens of row ``source`` into row ``destination``."""
+        ...
+
+    def read_kv(self, row: int, start: int, end: int) -> np.ndarray:
+        """A host copy of row ``row``'s K/V for tokens ``[start, end)``, ``[K/V tensors
+        (layer by layer, key then value), kv heads, end - start, head dim]``."""
+        ...
+
+    def write_kv(self, row: int, kv: np.ndarray) -> None:
+        """Write ``kv`` (as ``read_kv`` returns it) as row ``row``'s first tokens."""
         ...
 
     def describe(self) -> str:

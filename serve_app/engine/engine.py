@@ -8,12 +8,16 @@ own growing cache, while the running batch keeps decoding; it joins after its la
 structured sequence's grammar masks its logits at every step (``constrained.py``); its masks are
 computed while the model runs. A fused-attention model (a ``SlotDecoder``) keeps each sequence's
 cache in a row of its own, written in place (``kv_slots.py``): the same steps, no cache copies.
+A prompt that starts with a prefix another prompt prefilled before (``prefix_cache.py``) gets
+that prefix's KV copied in and prefills only the rest, like a long prompt's last chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -26,6 +30,7 @@ from serve_app.engine.decoder import Decoder, SlotDecoder
 from serve_app.engine.errors import EngineOverloadedError, InvalidRequestError
 from serve_app.engine.kv_cache import BatchKVCache
 from serve_app.engine.kv_slots import SlotBatch
+from serve_app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixKV
 from serve_app.engine.sampler import Sampler, prompt_logprobs
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler
@@ -35,7 +40,8 @@ from serve_app.engine.stats import StepStats
 
 @dataclass(eq=False)
 class ChunkedPrefill:
-    """A prompt longer than one step's prefill budget, part-way through its prefill."""
+    """A prompt prefilled over a past, part-way through its prefill: one longer than a step's
+    prefill budget, or one whose prefix KV was reused."""
 
     sequence: Sequence
     started: float  # when its first chunk began (``time.monotonic()``)
@@ -62,6 +68,9 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self.cache: BatchKVCache | None = None
         self.prefilling: ChunkedPrefill | None = None
+        # Per engine, so per model version; TensorRT's profiles hold no prefill over a past.
+        reuse = config.prefix_cache_tokens >= BLOCK_TOKENS and config.prefills_in_chunks
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if reuse else None
         self._seed_sequence = np.random.SeedSequence(config.seed)
         self._live_ids: set[str] = set()
         self._pending_aborts: set[str] = set()
@@ -164,11 +173,19 @@ class LLMEngine:
         decoded = len(self.running)
         if self.running:
             outputs.extend(self._decode())
-        newcomers = [] if self.prefilling is not None else self.scheduler.admit(self.running)
+        newcomers = []
+        if self.prefilling is None:
+            newcomers = self.scheduler.admit(self.running, alone=self._reuses_prefix)
         now = time.monotonic()
-        if newcomers and newcomers[0].num_prompt_tokens > self.config.max_prefill_tokens:
-            # The scheduler admits a prompt over the budget alone.
+        queried = sum(s.num_prompt_tokens for s in newcomers if self._reuse_limit(s))
+        prefix = self._take_prefix(newcomers[0]) if newcomers else None
+        if newcomers and (
+            newcomers[0].num_prompt_tokens > self.config.max_prefill_tokens or prefix is not None
+        ):
+            # The scheduler admits a prompt over the budget, or one that reuses a prefix, alone.
             self.prefilling = ChunkedPrefill(newcomers[0], started=now)
+            if prefix is not None:
+                self._apply_prefix(self.prefilling, prefix)
         if self.prefilling is not None:
             outputs.extend(self._prefill_chunk(self.prefilling))
         elif newcomers:
@@ -179,6 +196,8 @@ class LLMEngine:
             kv_cache_usage=self.kv_cache_usage,
             decoded=decoded,
             queue_times_s=[now - s.arrival_time for s in newcomers],
+            prefix_cache_queries=queried,
+            prefix_cache_hits=0 if prefix is None else prefix.shape[2],
         )
         self._live_ids.difference_update(o.request_id for o in outputs if o.finished)
         return outputs
@@ -219,6 +238,54 @@ class LLMEngine:
                 "max_tokens",
             )
         return min(num_prompt + params.max_tokens, context)
+
+    def _reuse_limit(self, seq: Sequence) -> int:
+        """The most prompt tokens ``seq`` may take from the prefix cache: all but the last, whose
+        logits give its first token; none when it scores its prompt (that needs every
+        position's logits) or there is no cache."""
+        if self.prefix_cache is None or seq.params.prompt_logprobs is not None:
+            return 0
+        return seq.num_prompt_tokens - 1
+
+    def _reuses_prefix(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Whether ``seq`` will prefill over a reused prefix: one is cached, or a sequence
+        admitted before it in this step starts with the same block and will store it (``seq``
+        then waits a step for it rather than prefill it again)."""
+        cache, limit = self.prefix_cache, self._reuse_limit(seq)
+        if cache is None or limit < BLOCK_TOKENS:
+            return False
+        first = seq.prompt_token_ids[:BLOCK_TOKENS]
+        return cache.match(seq.prompt_token_ids, limit) > 0 or any(
+            s.prompt_token_ids[:BLOCK_TOKENS] == first for s in admitted
+        )
+
+    def _take_prefix(self, seq: Sequence) -> PrefixKV | None:
+        """The K/V of ``seq``'s longest cached prefix, if any."""
+        limit = self._reuse_limit(seq)
+        if self.prefix_cache is None or limit < BLOCK_TOKENS:
+            return None
+        return self.prefix_cache.take(seq.prompt_token_ids, limit)
+
+    def _apply_prefix(self, chunked: ChunkedPrefill, prefix: PrefixKV) -> None:
+        """Start a chunked prefill from a reused prefix: the rest of the prompt is its chunks."""
+        if self.slot_batch is not None:
+            self.slot_batch.write_prefix(prefix)
+        else:
+            chunked.past = self._padded_decoder.ops.from_host([kv[None] for kv in prefix])
+        chunked.num_done = prefix.shape[2]
+
+    def _remember_prompt(self, seq: Sequence, read: Callable[[int, int], PrefixKV]) -> None:
+        """Offer a prefilled prompt's K/V (``read(start, end)``) to the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(seq.prompt_token_ids, read)
+
+    def _host_kv(
+        self, values: list[ort.OrtValue], row: int, first: int, start: int, end: int
+    ) -> PrefixKV:
+        """Prompt tokens ``[start, end)`` of row ``row`` of a regrouped cache's tensors, whose
+        prompt begins at column ``first``, on the host."""
+        kept = self._padded_decoder.ops.select(values, [row], first + start)
+        return np.stack([value.numpy()[0, :, : end - start] for value in kept])
 
     def _rng_for(self, params: SamplingParams) -> np.random.Generator:
         if params.seed is not None:
@@ -267,6 +334,8 @@ class LLMEngine:
         token_masks = self.constraints.start_masks(_generating(newcomers))
         if self.slot_batch is not None:
             logits, all_logits = self.slot_batch.prefill(newcomers, all_positions=scoring)
+            for seq in newcomers:
+                self._remember_prompt(seq, functools.partial(self.slot_batch.prompt_kv, seq))
             outputs = self._prefill_outputs(newcomers, logits, all_logits, started, token_masks)
             self._join_rows()
             return outputs
@@ -281,6 +350,9 @@ class LLMEngine:
         result = decoder.forward(
             input_ids, mask, positions, decoder.ops.empty(len(newcomers)), all_positions=scoring
         )
+        for row, seq in enumerate(newcomers):
+            first = pad_to - seq.num_prompt_tokens  # its prompt's column: rows are left-padded
+            self._remember_prompt(seq, functools.partial(self._host_kv, result.present, row, first))
         outputs = self._prefill_outputs(
             newcomers, result.logits, result.all_logits, started, token_masks
         )
@@ -322,9 +394,11 @@ class LLMEngine:
         outputs = self._prefill_outputs([seq], logits, all_logits, chunked.started, token_masks)
         if self.slot_batch is not None:
             self.slot_batch.join_chunked(seq)
+            self._remember_prompt(seq, functools.partial(self.slot_batch.prompt_kv, seq))
             self._join_rows()
         else:
             assert chunked.past is not None
+            self._remember_prompt(seq, functools.partial(self._host_kv, chunked.past, 0, 0))
             self._join([seq], chunked.past, mask)
         return outputs
 

@@ -7,7 +7,8 @@ a decode step runs over the first N rows: when a sequence leaves, the last row's
 into the hole (one row copy per leave, never a copy of the whole cache). Newcomers claim the
 rows after the live ones, so their prefill runs over one contiguous range too. A prompt
 prefilled in chunks uses the spare last row meanwhile (nothing else can use it: the scheduler
-admits nothing while a chunked prefill runs) and moves to its own row when it joins.
+admits nothing while a chunked prefill runs) and moves to its own row when it joins; a prompt
+that reuses a cached prefix (``prefix_cache.py``) has that prefix written there first.
 """
 
 from __future__ import annotations
@@ -119,6 +120,15 @@ class SlotBatch:
         return self.decoder.run_rows(
             self.spare_row, input_ids, lengths, all_positions=all_positions
         )
+
+    def write_prefix(self, kv: np.ndarray) -> None:
+        """Put a reused prefix's K/V in the spare row, where the rest of its prompt is
+        prefilled."""
+        self.decoder.write_kv(self.spare_row, kv)
+
+    def prompt_kv(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """A host copy of the K/V of ``seq``'s tokens ``[start, end)``, from its row."""
+        return self.decoder.read_kv(self.slots.row(seq), start, end)
 
     def join_chunked(self, seq: Sequence) -> None:
         """Give a sequence prefilled in the spare row a row of its own."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from serve_app.engine.sequence import Sequence
 
@@ -41,8 +42,14 @@ class Scheduler:
         """Whether the sequence could ever be admitted, even into an empty batch."""
         return sequence.max_length <= self.kv_cache_tokens
 
-    def admit(self, running: list[Sequence]) -> list[Sequence]:
-        """Pop the waiting sequences that join the batch at this step."""
+    def admit(
+        self,
+        running: list[Sequence],
+        alone: Callable[[Sequence, list[Sequence]], bool] = lambda _seq, _admitted: False,
+    ) -> list[Sequence]:
+        """Pop the waiting sequences that join the batch at this step. One for which
+        ``alone(candidate, admitted so far)`` holds (it reuses a cached prefix, or one that a
+        sequence admitted before it will store) is admitted only first, and then alone."""
         admitted: list[Sequence] = []
         peak_length = max((s.max_length for s in running), default=0)
         longest_prompt = 0
@@ -52,9 +59,12 @@ class Scheduler:
             if batch_size * max(peak_length, candidate.max_length) > self.kv_cache_tokens:
                 break
             prompt = max(longest_prompt, candidate.num_prompt_tokens)
-            if admitted and (len(admitted) + 1) * prompt > self.max_prefill_tokens:
+            by_itself = alone(candidate, admitted)
+            if admitted and (by_itself or (len(admitted) + 1) * prompt > self.max_prefill_tokens):
                 break
             admitted.append(self.waiting.popleft())
+            if by_itself:
+                break
             peak_length = max(peak_length, candidate.max_length)
             longest_prompt = prompt
         return admitted

@@ -4,7 +4,11 @@
 
 Writes `model.onnx`, `config.json`, `generation_config.json` and tokenizer files to `--out`, and
 the same weights as a Hugging Face checkpoint to `<out>/hf/` so other tools (TensorRT, ONNX
-Runtime GenAI builders) start from identical weights. The outputs are large; do not commit them.
+Runtime GenAI builders) start from identical weights. Then onnxruntime-genai's model builder
+makes the fused-attention (GroupQueryAttention) fp32 version of those weights in `<out>/gqa/`,
+checked against torch (`python -m serve_app.tools export --layout gqa`; needs the genai extra),
+so the two layouts compare on one set of weights. A step whose output exists is not redone: a
+second run over a built folder only adds `gqa/`. The outputs are large; do not commit them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TypeVar
 
 import torch
 
+from serve_app.bench.inprocess import BENCH_MODEL, GQA_SUBDIR
 from serve_app.tools.corpus import (
     ENDOFTEXT,
     IM_END,
@@ -53,9 +58,7 @@ def directory_mib(path: Path) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults give ~120M parameters (~85M without embeddings)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path.home() / ".cache/serve_app/bench-llama-100m"
-    )
+    parser.add_argument("--out", type=Path, default=BENCH_MODEL)
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
@@ -69,9 +72,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Build tokenizer and random model, save the HF checkpoint, export and verify ONNX."""
+    """Build what `--out` lacks: the Optimum-layout model with its HF checkpoint, then the
+    fused-attention build of that checkpoint."""
     args = parse_args(argv)
     started = time.monotonic()
+    hf_dir = args.out / "hf"
+    if (args.out / "model.onnx").is_file() and (hf_dir / "config.json").is_file():
+        print(f"[optimum layout + hf checkpoint] already in {args.out}; kept", flush=True)
+    else:
+        build_optimum(args)
+    gqa_dir = args.out / GQA_SUBDIR
+    if (gqa_dir / "genai_config.json").is_file():
+        print(f"[fused-attention build] already in {gqa_dir}; kept", flush=True)
+    else:
+        stage(
+            f"fused-attention (GQA) fp32 build + check vs torch -> {gqa_dir}",
+            lambda: build_gqa(hf_dir, gqa_dir),
+        )
+    print(
+        f"wrote {args.out} ({directory_mib(args.out):.0f} MiB, hf/ {directory_mib(hf_dir):.0f} MiB,"
+        f" {GQA_SUBDIR}/ {directory_mib(gqa_dir):.0f} MiB) in {time.monotonic() - started:.0f}s",
+        flush=True,
+    )
+
+
+def build_gqa(hf_dir: Path, gqa_dir: Path) -> None:
+    """The builder's fp32 fused-attention graph of the checkpoint, checked against torch."""
+    from serve_app.tools.export import export_checkpoint  # its builder is in the genai extra
+
+    result = export_checkpoint(hf_dir, gqa_dir, "fp32", layout="gqa")
+    print(f"GQA fp32 vs torch, max abs logit diffs: {result.diffs['fp32']}", flush=True)
+
+
+def build_optimum(args: argparse.Namespace) -> None:
+    """Build tokenizer and random model, save the HF checkpoint, export and verify ONNX."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 
@@ -118,11 +152,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     save_tokenizer_files(tokenizer, args.out, config.max_position_embeddings)
     print(f"ONNX self-check max abs diffs: {onnx_diffs}", flush=True)
-    print(
-        f"wrote {args.out} ({directory_mib(args.out):.0f} MiB, hf/ {directory_mib(hf_dir):.0f} MiB)"
-        f" in {time.monotonic() - started:.0f}s",
-        flush=True,
-    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ NO_CPUS = {"ray_actor_options": {"num_cpus": 0}}  # Ray's CPUs here are fewer th
 TWO_REPLICAS = {**NO_CPUS, "num_replicas": 2, "batcher_replicas": 2}
 
 
-def build_tiny_model(out_dir: Path) -> Path:
+def build_tiny_model(out_dir: Path, seed: int = 1) -> Path:
     """A random-weight two-layer Llama, exported to ONNX, with the demo model's tokenizer."""
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = DecoderConfig(
         vocab_size=Tokenizer(DEMO_MODEL_DIR).vocab_size,
         hidden_size=64,

@@ -366,3 +366,32 @@ def test_the_tensorrt_backend_refuses_a_prompt_over_the_prefill_budget(
     with pytest.raises(InvalidRequestError, match="prefills at most 16") as info:
         engine.add_request("long", list(range(5, 22)), greedy(1))
     assert info.value.param == "prompt"
+
+
+def test_a_request_reusing_a_cached_prefix_gives_the_tokens_of_one_without_reuse(
+    model_dir: Path, decoder: OnnxDecoder, tokenizer: Tokenizer
+) -> None:
+    system = long_prompt(tokenizer, 70)  # four whole blocks and a partial one
+    prompts = [system + tokenizer.encode(f" {p}") for p in PROMPTS[:4]]
+    params = greedy(8, ignore_eos=True)
+    without = engine_with(model_dir, decoder, prefix_cache_tokens=0)
+    expected = [generate_alone(without, p, params) for p in prompts]
+    reusing = engine_with(model_dir, decoder)
+    hits = 0
+    for index, prompt in enumerate(prompts):  # one by one: each after the first finds 64 tokens
+        reusing.add_request(str(index), prompt, params)
+        tokens: list[int] = []
+        while reusing.has_work():
+            tokens.extend(t for o in reusing.step() for t in o.new_token_ids)
+            hits += reusing.last_stats.prefix_cache_hits
+        assert tokens == expected[index], index
+    assert hits == 3 * 64
+    # Arriving together: the first two miss and prefill as one left-padded batch (their prompts
+    # differ in length), which stores the prefix; the others reuse it, one a step.
+    batch = engine_with(model_dir, decoder, max_prefill_tokens=2 * max(map(len, prompts)))
+    for index, prompt in enumerate(prompts):
+        batch.add_request(str(index), prompt, params)
+    outputs = run_to_completion(batch)
+    assert [tokens_of(outputs[str(i)]) for i in range(4)] == expected
+    assert [len(p) // 16 for p in prompts] == [4, 4, 4, 5]
+    assert batch.prefix_cache is not None and batch.prefix_cache.num_tokens == 80  # 4 shared + 1

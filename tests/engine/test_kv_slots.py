@@ -56,6 +56,12 @@ class FakeSlotDecoder:
     def move_row(self, source: int, destination: int, length: int) -> None:
         self.buffer[destination, :length] = self.buffer[source, :length]
 
+    def read_kv(self, row: int, start: int, end: int) -> np.ndarray:
+        return self.buffer[row, start:end][None, None, :, None].copy()
+
+    def write_kv(self, row: int, kv: np.ndarray) -> None:
+        self.buffer[row, : kv.shape[2]] = kv[0, 0, :, 0]
+
     def describe(self) -> str:
         return "fake slots (cpu)"
 

@@ -78,3 +78,20 @@ def test_fits_alone_compares_the_worst_case_with_the_whole_budget() -> None:
     scheduler = Scheduler(max_num_seqs=8, kv_cache_tokens=32, max_prefill_tokens=100)
     assert scheduler.fits_alone(sequence("exact", 4, 32))
     assert not scheduler.fits_alone(sequence("over", 4, 33))
+
+
+def test_a_sequence_prefilled_alone_is_admitted_only_first() -> None:
+    scheduler = Scheduler(max_num_seqs=8, kv_cache_tokens=400, max_prefill_tokens=100)
+    for request_id in "abcd":
+        scheduler.add(sequence(request_id, 2, 10))
+    seen: list[tuple[str, list[str]]] = []
+
+    def alone(candidate: Sequence, admitted: list[Sequence]) -> bool:
+        seen.append((candidate.request_id, ids(admitted)))
+        return candidate.request_id in "bc"
+
+    assert ids(scheduler.admit([], alone)) == ["a"]  # b waits: it must be first
+    assert seen == [("a", []), ("b", ["a"])]
+    assert ids(scheduler.admit([], alone)) == ["b"]  # first, and then alone
+    assert ids(scheduler.admit([], alone)) == ["c"]
+    assert ids(scheduler.admit([], alone)) == ["d"]

@@ -152,6 +152,22 @@ def test_a_prompt_longer_than_the_chunk_budget_is_prefilled_in_chunks(
     assert staggered(engine, requests) == [reference(model, p, n) for p, n in requests]
 
 
+def test_a_reused_prefix_gives_the_tokens_of_a_whole_prefill(gqa_dir: Path, model: Any) -> None:
+    rng = np.random.default_rng(7)
+    system = [int(t) for t in rng.integers(3, 4096, 40)]  # two whole blocks and a partial one
+    requests = [(system + [int(t) for t in rng.integers(3, 4096, n)], 8) for n in (5, 9, 3, 12)]
+    without = engine_config(gqa_dir, prefix_cache_tokens=0)
+    expected = staggered(LLMEngine(without, load_decoder(without)), requests)
+    assert expected == [reference(model, p, n) for p, n in requests]
+    config = engine_config(gqa_dir)
+    engine = LLMEngine(config, load_decoder(config))
+    # One joins per step: each after the first copies the prefix into the spare row.
+    assert staggered(engine, requests) == expected
+    engine.add_request("again", requests[0][0], SamplingParams(temperature=0, max_tokens=1))
+    engine.step()
+    assert engine.last_stats.prefix_cache_hits == 32
+
+
 def test_prompt_logprobs_match_the_optimum_layout(gqa_dir: Path, checkpoint: Path) -> None:
     optimum_dir = gqa_dir.parent / "llama-optimum"
     export_checkpoint(checkpoint, optimum_dir)

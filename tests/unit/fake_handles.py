@@ -68,8 +68,9 @@ class LocalHandle:
         self.stream = stream
         self.calls: list[Call] = [] if calls is None else calls
 
-    def options(self, *, stream: bool = False) -> LocalHandle:
-        """A view of the same target and call record whose calls stream."""
+    def options(self, *, stream: bool = False, multiplexed_model_id: str = "") -> LocalHandle:
+        """A view of the same target and call record whose calls stream (Serve's
+        multiplexed model id only steers Serve's routing, which this does not do)."""
         return LocalHandle(self.target, stream=stream, calls=self.calls)
 
     @property

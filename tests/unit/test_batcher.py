@@ -92,8 +92,9 @@ class FakeModel:
         self.aborts: list[tuple[list[str], str]] = []
         self.abort = SimpleNamespace(remote=self._abort)
 
-    def options(self, *, stream: bool = False) -> SimpleNamespace:
+    def options(self, *, stream: bool = False, multiplexed_model_id: str = "") -> SimpleNamespace:
         assert stream, "a micro-batch must go to the model as one streaming call"
+        assert multiplexed_model_id == "", "no variant was asked for"
         return SimpleNamespace(generate_batch=SimpleNamespace(remote=self._generate_batch))
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> ModelStream:

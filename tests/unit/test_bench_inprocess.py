@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from serve_app.bench.inprocess import measure, round_traces
+from serve_app.bench import inprocess
+from serve_app.bench.inprocess import benchmark_model, measure, round_traces
 from serve_app.bench.load import Concurrency, PointRun
 
 
@@ -84,3 +86,16 @@ def test_the_in_process_modules_import_neither_ray_nor_plotting_nor_http() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_fused_attention_benchmark_model_is_found_beside_the_optimum_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inprocess, "BENCH_MODEL", tmp_path)
+    (tmp_path / "model.onnx").touch()
+    with pytest.raises(FileNotFoundError, match="build_bench_model adds it"):
+        benchmark_model("gqa")  # no demo stands in for a missing fused-attention build
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "genai_config.json").touch()
+    assert benchmark_model("gqa") == ("bench-gqa", tmp_path / "gqa")
+    assert benchmark_model() == ("bench", tmp_path)

@@ -79,8 +79,9 @@ class FakeBatcher:
     def requests(self) -> list[PreparedRequest]:
         return [s.request for s in self.streams]
 
-    def options(self, *, stream: bool) -> Any:
+    def options(self, *, stream: bool, multiplexed_model_id: str = "") -> Any:
         assert stream, "the service must call the batcher as a stream"
+        assert multiplexed_model_id == "", "no variant was asked for"
         return SimpleNamespace(generate=SimpleNamespace(remote=self._open))
 
     def _open(self, prepared: PreparedRequest) -> BatcherStream:

@@ -4,10 +4,10 @@ fix, and the Dockerfile is what docs/CONTAINER.md says it is.
 Resolving every extra in full (``pip install --dry-run --report``) takes 1-2 minutes and cannot
 finish here (``tensorrt-cu13``'s libraries come from pypi.nvidia.com). So the conflict is checked
 in two layers: the requirements pyproject.toml declares, extras expanded, and the package
-metadata of every direct requirement of the runtime-bearing extras (one ``--no-deps`` dry run,
-about 10 s), which is where a second runtime would come from (as onnxruntime-genai pulls
-``onnxruntime``). The install the Dockerfile runs is made for real in
-tests/e2e/test_container_install.py.
+metadata of every direct requirement of the runtime-bearing extras (one ``--no-deps`` dry run
+against PyPI, about 10 s, so it is in the e2e tier), which is where a second runtime would come
+from (as onnxruntime-genai pulls ``onnxruntime``). The install the Dockerfile runs is made for
+real in tests/e2e/test_container_install.py.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def _pypi_reachable() -> bool:
     return True
 
 
+@pytest.mark.e2e  # a real resolution against PyPI, like the install in the e2e tier
 def test_runtime_extras_direct_requirements_pull_no_second_runtime(tmp_path: Path) -> None:
     """The metadata of each requirement of cpu and gpu, as pip resolves it from PyPI (no deps)."""
     if not _pypi_reachable():

@@ -65,6 +65,15 @@ class DeviceTensorOps:
         }
         return self._run(self._concat, [*first, *second], host, on_device=True)
 
+    def from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        """The arrays copied to ``device``."""
+        return [
+            ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(array), self.device.kind, self.device.index
+            )
+            for array in arrays
+        ]
+
     def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
         """``logits[:, -1, :]`` as float32, copied to the host."""
         element = logits.data_type()  # e.g. "tensor(float16)"

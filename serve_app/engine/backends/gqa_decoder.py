@@ -123,6 +123,15 @@ class GQADecoder:
         for buffer in self.buffers:
             buffer[destination, :, :length] = buffer[source, :, :length]
 
+    def read_kv(self, row: int, start: int, end: int) -> np.ndarray:
+        """A host copy of row ``row``'s K/V for tokens ``[start, end)`` (see ``SlotDecoder``)."""
+        return np.stack([buffer[row, :, start:end] for buffer in self.buffers])
+
+    def write_kv(self, row: int, kv: np.ndarray) -> None:
+        """Write ``kv`` as row ``row``'s first tokens (a reused prefix)."""
+        for buffer, tensor in zip(self.buffers, kv, strict=True):
+            buffer[row, :, : tensor.shape[1]] = tensor
+
 
 def _check_cpu(config: EngineConfig) -> None:
     """The in-place path runs on onnxruntime's CPU provider only, also where ``device: auto``

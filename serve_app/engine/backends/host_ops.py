@@ -41,6 +41,10 @@ class HostTensorOps:
             merged_values.append(_from_numpy(merged))
         return merged_values
 
+    def from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        """The arrays as OrtValues over their own memory."""
+        return [_from_numpy(array) for array in arrays]
+
     def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
         """``logits[:, -1, :]`` as float32."""
         return logits.numpy()[:, -1, :].astype(np.float32, copy=False)
